@@ -1,0 +1,1 @@
+"""The algorithm core: pure PyTorch over tensors and state dicts, no transport, no model loading."""

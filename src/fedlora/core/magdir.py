@@ -1,0 +1,48 @@
+"""Magnitude/direction parametrization of a LoRA factor: W = diag(m) · D / ‖D‖ (rows) or D / ‖D‖ · diag(m) (cols).
+
+Registered with `torch.nn.utils.parametrize` on PEFT's `lora_A`/`lora_B` weights, so PEFT keeps
+injection, merging and forward; the two stored tensors (`original0` = direction, `original1` =
+magnitude) become the trainable parameters. The direction is normalized in the forward pass, as
+DoRA does, so the stored direction need not be unit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Axis = Literal["rows", "cols"]
+EPS = 1e-8
+
+
+def vector_norms(weight: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """Norm of each row (axis="rows") or each column (axis="cols")."""
+    return weight.norm(dim=1 if axis == "rows" else 0)
+
+
+def unit(weight: torch.Tensor, axis: Axis) -> torch.Tensor:
+    norms = vector_norms(weight, axis)
+    return weight / (norms.unsqueeze(1) if axis == "rows" else norms.unsqueeze(0)).clamp_min(EPS)
+
+
+def compose(direction: torch.Tensor, magnitude: torch.Tensor, axis: Axis) -> torch.Tensor:
+    d = unit(direction, axis)
+    return d * (magnitude.unsqueeze(1) if axis == "rows" else magnitude.unsqueeze(0))
+
+
+class MagnitudeDirection(nn.Module):
+    """The parametrization module: forward(direction, magnitude) -> weight."""
+
+    def __init__(self, axis: Axis):
+        super().__init__()
+        if axis not in ("rows", "cols"):
+            raise ValueError(f"norm axis must be 'rows' or 'cols', got {axis!r}")
+        self.axis = axis
+
+    def forward(self, direction: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        return compose(direction, magnitude.to(direction.dtype), self.axis)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight.detach().clone(), vector_norms(weight.detach(), self.axis)

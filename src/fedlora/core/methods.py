@@ -1,0 +1,213 @@
+"""Methods as declarative policies over named adapter components.
+
+A `Method` says, for one round:
+  * which adapter it uses (`lora`, `magdir` = magnitude/direction LoRA, `dora`, `dual` = two LoRAs),
+  * the global phase: which components train (with learning-rate multipliers) before upload,
+  * which components are shared (uploaded and aggregated) and which are personal (kept on the
+    client; they override the global value in the client's local model),
+  * the local phase: which personal components train after aggregation, starting from the new
+    global adapter,
+  * how a personal component evolves when it also has a global value (`persist`, `reset`, `offset`),
+  * extra loss terms (FedProx's proximal term).
+
+Adding a method means adding a builder to `METHODS`; the training loop never looks at the name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+AdapterKind = Literal["lora", "magdir", "dora", "dual"]
+PersonalMode = Literal["persist", "reset", "offset"]
+
+
+@dataclass(frozen=True)
+class ProximalTerm:
+    """FedProx: (mu / 2) * ||theta - theta_global||^2 over the trained shared parameters."""
+
+    mu: float
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    adapter: AdapterKind
+    global_train: Mapping[str, float]
+    """Components trained in the global phase -> learning-rate multiplier."""
+    shared: frozenset[str]
+    personal: frozenset[str] = frozenset()
+    local_train: Mapping[str, float] = field(default_factory=dict)
+    """Components trained in the local phase (all personal) -> learning-rate multiplier."""
+    personal_mode: PersonalMode = "persist"
+    loss_terms: tuple[ProximalTerm, ...] = ()
+    pooled: bool = False
+    """Centralized reference: one trainer on the union of all clients' training data."""
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        extra = set(self.local_train) - set(self.personal)
+        if extra:
+            raise ValueError(f"{self.name}: local phase trains non-personal components {sorted(extra)}")
+        if self.personal_mode != "persist":
+            not_global = set(self.personal) - set(self.shared)
+            if not_global:
+                raise ValueError(
+                    f"{self.name}: personal_mode {self.personal_mode!r} needs a global value for "
+                    f"{sorted(not_global)}; share it (e.g. method_options.share_b_mag=true) or use 'persist'"
+                )
+
+    @property
+    def has_local_phase(self) -> bool:
+        return bool(self.local_train)
+
+    @property
+    def frozen(self) -> frozenset[str]:
+        """Components that are neither trained nor personal: they stay at their (seeded, identical) init."""
+        return frozenset(self.components) - set(self.global_train) - set(self.personal) - set(self.shared)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return ADAPTER_COMPONENTS[self.adapter]
+
+
+ADAPTER_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "lora": ("A", "B"),
+    "magdir": ("A.dir", "A.mag", "B.dir", "B.mag"),
+    "dora": ("A", "B", "W.mag"),
+    "dual": ("A", "B", "L.A", "L.B"),
+}
+
+
+def _mult(opts, comps) -> dict[str, float]:
+    return {c: float(opts.lr_mult.get(c, 1.0)) for c in comps}
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def fedlora_opt(opts) -> Method:
+    """The paper's method: A's direction (and the rest of the adapter) shared; B's magnitude personal."""
+    global_comps = ["A.dir", "B.dir", "B.mag"] + ([] if opts.freeze_a_mag else ["A.mag"])
+    shared = {"A.dir", "B.dir"} | ({"A.mag"} if not opts.freeze_a_mag else set())
+    if opts.share_b_mag:
+        shared.add("B.mag")
+    local = ["B.mag"] + (["B.dir"] if opts.local_train_b_dir else [])
+    personal = set(local)
+    return Method(
+        name="fedlora_opt",
+        adapter="magdir",
+        global_train=_mult(opts, global_comps),
+        shared=frozenset(shared),
+        personal=frozenset(personal),
+        local_train=_mult(opts, local),
+        personal_mode=opts.personal_mode,
+        summary="magnitude/direction LoRA; global phase trains the decomposed adapter and shares A (and B.dir); "
+        "local phase trains the personal B.mag, which never leaves the client",
+    )
+
+
+def fedit(opts) -> Method:
+    return Method("fedit", "lora", _mult(opts, ["A", "B"]), frozenset({"A", "B"}), summary="FedAvg over LoRA A and B")
+
+
+def fedprox(opts) -> Method:
+    return Method(
+        "fedprox",
+        "lora",
+        _mult(opts, ["A", "B"]),
+        frozenset({"A", "B"}),
+        loss_terms=(ProximalTerm(opts.prox_mu),),
+        summary="FedIT with the proximal term (mu/2)||theta - theta_g||^2",
+    )
+
+
+def ffa(opts) -> Method:
+    return Method("ffa", "lora", _mult(opts, ["B"]), frozenset({"B"}), summary="FFA-LoRA: A frozen at init, B shared")
+
+
+def fedsa(opts) -> Method:
+    return Method(
+        "fedsa",
+        "lora",
+        _mult(opts, ["A", "B"]),
+        frozenset({"A"}),
+        personal=frozenset({"B"}),
+        summary="FedSA-LoRA: A shared, B stays on the client",
+    )
+
+
+def feddpa(opts) -> Method:
+    return Method(
+        "feddpa",
+        "dual",
+        _mult(opts, ["A", "B"]),
+        frozenset({"A", "B"}),
+        personal=frozenset({"L.A", "L.B"}),
+        local_train=_mult(opts, ["L.A", "L.B"]),
+        summary="FedDPA-F: a shared global LoRA, then a personal second LoRA fine-tuned on top of it",
+    )
+
+
+def feddora(opts) -> Method:
+    return Method(
+        "feddora",
+        "dora",
+        _mult(opts, ["A", "B", "W.mag"]),
+        frozenset({"A", "B", "W.mag"}),
+        summary="FedAvg over PEFT DoRA (A, B and the weight magnitude)",
+    )
+
+
+def fedit_ft(opts) -> Method:
+    return Method(
+        "fedit_ft",
+        "lora",
+        _mult(opts, ["A", "B"]),
+        frozenset({"A", "B"}),
+        personal=frozenset({"A", "B"}),
+        local_train=_mult(opts, ["A", "B"]),
+        personal_mode="reset",
+        summary="FedIT, then each client fine-tunes a copy of the new global A, B for its local model",
+    )
+
+
+def local_only(opts) -> Method:
+    return Method(
+        "local_only",
+        "lora",
+        _mult(opts, ["A", "B"]),
+        frozenset(),
+        personal=frozenset({"A", "B"}),
+        summary="no federation: every client trains its own A, B",
+    )
+
+
+def centralized(opts) -> Method:
+    return Method(
+        "centralized",
+        "lora",
+        _mult(opts, ["A", "B"]),
+        frozenset({"A", "B"}),
+        pooled=True,
+        summary="one LoRA trained on the pooled training data of all clients (same total steps)",
+    )
+
+
+METHODS: dict[str, Callable[..., Method]] = {
+    "fedlora_opt": fedlora_opt,
+    "fedit": fedit,
+    "fedprox": fedprox,
+    "ffa": ffa,
+    "fedsa": fedsa,
+    "feddpa": feddpa,
+    "feddora": feddora,
+    "fedit_ft": fedit_ft,
+    "local_only": local_only,
+    "centralized": centralized,
+}
+
+
+def build_method(name: str, opts) -> Method:
+    return METHODS[name](opts)

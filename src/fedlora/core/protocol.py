@@ -1,0 +1,72 @@
+"""Which state a client trains, uploads and keeps in each phase of a round, for any `Method`.
+
+Pure functions over state dicts. `global_state` always holds every component of the method's
+adapter: shared ones as aggregated so far, the others at their seeded initial value (which every
+client derives identically). A client's personal state holds its personal components: values, or
+offsets from the global value in `offset` mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .components import State, join, select
+from .methods import Method
+
+
+def _personal_values(method: Method, global_state: Mapping, personal: Mapping | None) -> State:
+    """The client's effective values of its personal components."""
+    base = select(global_state, method.personal)
+    if not personal:
+        return dict(base)
+    if method.personal_mode == "offset":
+        return {k: base[k] + personal[k] for k in base}
+    return join(base, personal)
+
+
+def global_phase_state(method: Method, global_state: Mapping, personal: Mapping | None) -> State:
+    """Starting point of the global phase: the global adapter; personal-only components from the client."""
+    own = select(_personal_values(method, global_state, personal), method.personal - method.shared)
+    return join(global_state, own)
+
+
+def after_global_phase(method: Method, trained: Mapping, personal: Mapping | None) -> tuple[State, State]:
+    """Split the trained state into (upload, new personal state)."""
+    upload = select(trained, method.shared)
+    new_personal = dict(personal or {})
+    trained_personal_only = set(method.global_train) & (method.personal - method.shared)
+    new_personal.update({k: v for k, v in select(trained, trained_personal_only).items()})
+    return upload, new_personal
+
+
+def local_phase_state(method: Method, global_state: Mapping, personal: Mapping | None) -> State:
+    """Starting point of the local phase: the NEW global adapter with the client's personal components."""
+    if method.personal_mode == "reset":
+        return dict(global_state)
+    return join(global_state, _personal_values(method, global_state, personal))
+
+
+def after_local_phase(method: Method, trained: Mapping, global_state: Mapping) -> State:
+    values = select(trained, method.personal)
+    if method.personal_mode == "offset":
+        return {k: v - global_state[k] for k, v in values.items()}
+    return dict(values)
+
+
+def local_model_state(method: Method, global_state: Mapping, personal: Mapping | None) -> State:
+    """The client's personalized model: global adapter + its personal components."""
+    return join(global_state, _personal_values(method, global_state, personal))
+
+
+def global_eval_state(method: Method, global_state: Mapping, personals: Sequence[Mapping | None]) -> State:
+    """The global model for evaluation: shared components plus the MEAN of the clients' personal values.
+
+    Clients that never trained contribute their initial value. Built for evaluation only.
+    """
+    if not method.personal or not personals:
+        return dict(global_state)
+    values = [_personal_values(method, global_state, p) for p in personals]
+    mean = {k: torch.stack([v[k].float() for v in values]).mean(0).to(values[0][k].dtype) for k in values[0]}
+    return join(global_state, mean)
