@@ -1,0 +1,174 @@
+"""The `fedlora` command: run, compare, methods (and more subcommands registered by other modules)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from .errors import UserError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set rounds=5 or --set federation.clients=8 (repeatable)")
+    p.add_argument("--out", "-o", help="run directory (default: output.dir from the config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning (FedLoRA-Optimizer).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one federated experiment")
+    _common(run)
+    cmp_ = sub.add_parser("compare", help="run several methods (and seeds) on identical partitions")
+    _common(cmp_)
+    cmp_.add_argument("--methods", help="comma-separated method names (default: all)")
+    cmp_.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
+    sub.add_parser("methods", help="list the available methods and their policies")
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands living in other modules (analysis, Flower); each exposes `register(subparsers)`."""
+    out = []
+    for mod in ("fedlora.analysis.command", "fedlora.flower.command"):
+        try:
+            module = __import__(mod, fromlist=["register"])
+        except ImportError:
+            continue
+        out.append(module.register)
+    return out
+
+
+def cmd_methods(args, console: Console) -> int:
+    from .config import MethodConfig
+    from .core.methods import METHODS
+
+    for name, build in METHODS.items():
+        m = build(MethodConfig())
+        console.print(f"[bold]{name}[/] ({m.adapter}): {m.summary}")
+        console.print(f"    global phase trains {sorted(m.global_train)}; shared {sorted(m.shared)}; "
+                      f"personal {sorted(m.personal)}; local phase trains {sorted(m.local_train)}")
+    return 0
+
+
+def _load(args):
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        cfg.output.dir = args.out
+    if args.overwrite:
+        cfg.output.overwrite = True
+    return cfg
+
+
+def cmd_run(args, console: Console) -> int:
+    from . import results as res
+    from .runner import Session, run_experiment
+
+    cfg = _load(args)
+    out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
+    session = Session(cfg, console)
+    row = run_experiment(session, cfg, out)
+    console.print()
+    console.print(res.results_table([row]))
+    console.print(f"results written to {out}/ (results.json, results.md, metrics.jsonl, curves.png, adapters/)")
+    return 0
+
+
+def _aggregate_rows(rows: list[dict]) -> dict:
+    import numpy as np
+
+    out = dict(rows[0])
+    out["seeds"] = len(rows)
+    for key in ("global_loss", "global_rouge_l", "local_loss", "local_rouge_l", "unseen_loss", "unseen_rouge_l",
+                "bytes_up", "bytes_down", "wall_time"):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+        out[key + "_std"] = float(np.std(vals)) if vals else None
+    for key in ("per_client_local_loss", "per_client_local_rouge_l"):
+        per = [r[key] for r in rows]
+        out[key] = [float(np.mean([p[c] for p in per if p[c] is not None] or [float("nan")]))
+                    for c in range(len(per[0]))]
+    return out
+
+
+def cmd_compare(args, console: Console) -> int:
+    from . import results as res
+    from .core.methods import METHODS
+    from .runner import Session, run_experiment
+
+    cfg = _load(args)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"--methods: unknown method {m!r}; available: {', '.join(METHODS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
+    except ValueError:
+        raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
+    session = Session(cfg, console)
+    rows, histories = [], {}
+    t0 = time.perf_counter()
+    for m in methods:
+        per_seed = []
+        for i, seed in enumerate(seeds):
+            c = copy.deepcopy(cfg)
+            c.method, c.seed = m, seed
+            run_dir = out / m / f"seed_{seed}"
+            run_dir.mkdir(parents=True)
+            console.rule(f"{m} (seed {seed})")
+            per_seed.append(run_experiment(session, c, run_dir, show_partition=(m == methods[0] and i == 0)))
+            if i == 0:
+                import json
+
+                histories[m] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows.append(_aggregate_rows(per_seed))
+        (out / "results.md").write_text(res.results_table(rows))
+        res.write_json(out / "results.json", {"rows": rows, "seeds": seeds, "methods": methods})
+    table = res.results_table(rows)
+    note = ("Global model of methods with personal components (fedlora_opt, fedsa, feddpa, fedit_ft, local_only) = "
+            "shared components + mean of the clients' personal components, built for evaluation only.\n")
+    (out / "results.md").write_text(table + "\n" + note)
+    res.plot_curves(histories, out / "curves.png")
+    res.plot_per_client(rows, out / "per_client_local.png")
+    console.print()
+    console.print(table)
+    console.print(note)
+    console.print(f"total wall time {time.perf_counter() - t0:.0f}s; results in {out}/")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args, console)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The run directory: resolved config, metrics.jsonl, results.json, a Markdown table, PNG curves, adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "flwr", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync, rename: a reader never sees a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
+    """Create the run directory; refuse to touch an existing non-empty one unless asked."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"output.dir: {p} exists and is not a directory")
+    if p.exists() and any(p.iterdir()):
+        if not overwrite:
+            raise UserError(f"output.dir: {p} already holds a run; choose another --out or pass --overwrite")
+        shutil.rmtree(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def provenance(cfg, data, extra: dict | None = None) -> dict:
+    return {"method": cfg.method, "seed": cfg.seed, "model": cfg.model.name, "data_path": cfg.data.path,
+            "data_fingerprint": data.fingerprint, "versions": _versions(), **(extra or {})}
+
+
+def _fmt(x, digits=4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown table; each row: method, global/local loss and ROUGE-L (mean ± std where several seeds)."""
+    head = ("| method | seeds | global loss | global ROUGE-L | local loss | local ROUGE-L | "
+            "up B/client-round | down B/client-round | trainable | communicated | wall s |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        def ms(key):
+            m, s = r.get(key), r.get(key + "_std")
+            if m is None:
+                return "–"
+            return f"{m:.4f} ± {s:.4f}" if s is not None and r.get("seeds", 1) > 1 else f"{m:.4f}"
+        lines.append(
+            f"| {r['method']} | {r.get('seeds', 1)} | {ms('global_loss')} | {ms('global_rouge_l')} | "
+            f"{ms('local_loss')} | {ms('local_rouge_l')} | {r.get('bytes_up', 0):,.0f} | "
+            f"{r.get('bytes_down', 0):,.0f} | {r.get('trainable', 0):,} | {r.get('communicated', 0):,} | "
+            f"{r.get('wall_time', 0):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary_row(method: str, history: list[dict], counts: dict, wall: float) -> dict:
+    last = [h for h in history if h.get("eval")][-1]["eval"]
+    rounds = len(history)
+    return {
+        "method": method, "seeds": 1,
+        "global_loss": last["global"]["loss"], "global_rouge_l": last["global"]["rouge_l"],
+        "local_loss": last["local"]["loss"], "local_rouge_l": last["local"]["rouge_l"],
+        "unseen_loss": last.get("unseen", {}).get("loss"), "unseen_rouge_l": last.get("unseen", {}).get("rouge_l"),
+        "bytes_up": sum(h["bytes_up"] for h in history) / max(1, rounds),
+        "bytes_down": sum(h["bytes_down"] for h in history) / max(1, rounds),
+        **counts, "wall_time": wall,
+        "per_client_local_loss": [c["loss"] for c in last["local"]["per_client"]],
+        "per_client_local_rouge_l": [c["rouge_l"] for c in last["local"]["per_client"]],
+    }
+
+
+def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
+    """Global and local loss / ROUGE-L over rounds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2)
+    for name, hist in histories.items():
+        ev = [h for h in hist if h.get("eval")]
+        x = [h["round"] for h in ev]
+        for (i, j), (scope, key) in {(0, 0): ("global", "loss"), (0, 1): ("local", "loss"),
+                                     (1, 0): ("global", "rouge_l"), (1, 1): ("local", "rouge_l")}.items():
+            y = [h["eval"][scope][key] for h in ev]
+            if any(v is None for v in y):
+                continue
+            axes[i][j].plot(x, y, marker="o", label=name)
+            axes[i][j].set_title(f"{scope} {key.replace('_', '-')}")
+            axes[i][j].set_xlabel("round")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def plot_per_client(rows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    ax = fig.subplots(1, 1)
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        vals = r["per_client_local_loss"]
+        ax.bar([c + i * width for c in range(len(vals))], vals, width=width, label=r["method"])
+    ax.set_xlabel("client")
+    ax.set_ylabel("local response loss (lower is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, default=float) + "\n")
