@@ -81,8 +81,8 @@ def cmd_run(args, console: Console) -> int:
     out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     session = Session(cfg, console)
     row = run_experiment(session, cfg, out)
-    console.print()
-    console.print(res.results_table([row]))
+    print()
+    print(res.results_table([row]))
     console.print(f"results written to {out}/ (results.json, results.md, metrics.jsonl, curves.png, adapters/)")
     return 0
 
@@ -144,9 +144,9 @@ def cmd_compare(args, console: Console) -> int:
     (out / "results.md").write_text(table + "\n" + note)
     res.plot_curves(histories, out / "curves.png")
     res.plot_per_client(rows, out / "per_client_local.png")
-    console.print()
-    console.print(table)
-    console.print(note)
+    print()
+    print(table)
+    print(note)
     console.print(f"total wall time {time.perf_counter() - t0:.0f}s; results in {out}/")
     return 0
 
@@ -154,8 +154,22 @@ def cmd_compare(args, console: Console) -> int:
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "methods": cmd_methods}
 
 
+def quiet_library_warnings() -> None:
+    """Hide library chatter that says nothing to a user of this tool."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_warnings()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
