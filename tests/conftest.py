@@ -1,0 +1,39 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+from fedlora.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DOLLY = SHARED / "data" / "databricks-dolly-15k.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def base(tok):
+    return tiny_model(len(tok))
+
+
+def small_cfg(*overrides: str):
+    """A tiny-but-real config: real Dolly rows, 3 clients, 2 rounds, a few steps."""
+    return load_config(None, [
+        f"data.path={DOLLY}", "max_rows=240", "clients=3", "rounds=2", "local_steps=2", "personal_steps=2",
+        "train.batch_size=2", "max_length=64", "max_examples_per_client=4", "max_global_examples=8",
+        "max_gen_examples=2", "max_new_tokens=4", "global_test_per_label=2", "lora.dropout=0.0", *overrides,
+    ])
+
+
+@pytest.fixture
+def dolly_path():
+    assert DOLLY.is_file(), f"the shared Dolly file is missing: {DOLLY}"
+    return DOLLY

@@ -1,0 +1,175 @@
+"""The invariant that defines each method, on the tiny model with real Dolly rows."""
+
+import pytest
+import torch
+from conftest import small_cfg
+from peft import PeftModel
+
+from fedlora.core.components import component_of, select
+from fedlora.core.magdir import vector_norms
+from fedlora.data.federated import build_federated_data, load_examples
+from fedlora.simulation import Simulation
+
+
+def make_sim(tok, base, method, *overrides):
+    cfg = small_cfg(f"method={method}", *overrides)
+    examples, unseen = load_examples(cfg, warn=lambda m: None)
+    data = build_federated_data(cfg, examples, unseen)
+    return Simulation(cfg, tok, base, data, log=lambda m: None)
+
+
+def record_uploads(sim):
+    seen = []
+    orig = sim.server.aggregate
+
+    def spy(updates):
+        seen.extend(updates)
+        return orig(updates)
+
+    sim.server.aggregate = spy
+    return seen
+
+
+def components(state):
+    return {component_of(k) for k in state}
+
+
+def test_ffa_a_is_bit_identical(tok, base):
+    sim = make_sim(tok, base, "ffa", "rounds=3")
+    a0 = select(sim.server.global_state, {"A"})
+    ups = record_uploads(sim)
+    sim.run()
+    for k, v in a0.items():
+        assert torch.equal(sim.server.global_state[k], v)
+    assert all(components(u.state) == {"B"} for u in ups)
+    b0 = select(sim.am.init_state, {"B"})
+    assert any(not torch.equal(sim.server.global_state[k], v) for k, v in b0.items())
+
+
+def test_fedsa_never_uploads_b(tok, base):
+    sim = make_sim(tok, base, "fedsa")
+    ups = record_uploads(sim)
+    sim.run()
+    assert ups and all(components(u.state) == {"A"} for u in ups)
+    b = [select(sim.personal[c], {"B"}) for c in range(3)]
+    k = next(iter(b[0]))
+    assert not torch.equal(b[0][k], b[1][k])
+
+
+def test_fedlora_opt_invariants(tok, base):
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=1")
+    ups = record_uploads(sim)
+    sim.run()
+    # never uploads B.mag
+    assert ups and all("B.mag" not in components(u.state) for u in ups)
+    assert all(components(u.state) == {"A.dir", "A.mag", "B.dir"} for u in ups)
+    # personal B.mag differs between clients after training
+    p = sim.personal
+    key = next(iter(p[0]))
+    assert component_of(key) == "B.mag"
+    assert not torch.equal(p[0][key], p[1][key])
+    # aggregated direction rows have unit norm
+    for k, v in select(sim.server.global_state, {"A.dir", "B.dir"}).items():
+        assert torch.allclose(vector_norms(v, "rows"), torch.ones(v.shape[0]), atol=1e-5)
+    # persists across rounds: round 2 starts from the kept value, and the local phase changes only B.mag
+    before = {c: {k: v.clone() for k, v in p[c].items()} for c in p}
+    shared = sim.server.shared_state()
+    new_personal, _ = sim.client.local_phase(0, 2, shared, before[0], sim.train_rows[0])
+    assert not torch.equal(new_personal[key], before[0][key])
+    after = sim.am.state()
+    start = sim.client.full_global_state(shared)
+    for k, v in after.items():
+        if component_of(k) != "B.mag":
+            assert torch.equal(v, start[k]), k
+    sim.cfg.federation.rounds = 2
+    sim.run(start_round=2)
+    for c in range(3):
+        assert not torch.equal(sim.personal[c][key], before[c][key])  # kept and trained further
+
+
+def test_fedlora_opt_is_zero_delta_at_init_and_roundtrips(tok, base):
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    ref = base(x).logits
+    sim = make_sim(tok, base, "fedlora_opt")
+    assert torch.equal(sim.am.model(x).logits, ref)  # B.mag = 0 -> delta W = 0
+    st = sim.am.state()
+    sim.am.load_state({k: torch.randn_like(v) for k, v in st.items()})
+    sim.am.load_state(st)
+    assert all(torch.equal(v, sim.am.state()[k]) for k, v in st.items())
+
+
+@pytest.mark.parametrize("method", ["fedlora_opt", "fedit", "feddora", "feddpa"])
+def test_exported_peft_adapter_reproduces_logits(tok, base, method, tmp_path):
+    sim = make_sim(tok, base, method, "rounds=1")
+    sim.run()
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    state = sim.local_state(1) if sim.method.personal else sim.server.global_state
+    sim.am.load_state(state)
+    ours = sim.am.model(x).logits
+    sim.am.export_peft(state, tmp_path / "adapter")
+    clean = sim.am.release()
+    peft_model = PeftModel.from_pretrained(clean, tmp_path / "adapter")
+    peft_model.eval()
+    assert torch.allclose(peft_model(x).logits, ours, atol=1e-5)
+
+
+def test_fedprox_with_mu_zero_equals_fedit(tok):
+    from tiny import tiny_model
+
+    results = []
+    for method, extra in (("fedit", []), ("fedprox", ["prox_mu=0.0"])):
+        sim = make_sim(tok, tiny_model(len(tok)), method, *extra)
+        sim.run()
+        results.append(sim.server.global_state)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_fedprox_pulls_towards_global(tok):
+    from tiny import tiny_model
+
+    drift = {}
+    for mu in (0.0, 100.0):
+        sim = make_sim(tok, tiny_model(len(tok)), "fedprox", f"prox_mu={mu}", "rounds=1", "lr=0.01")
+        start = sim.server.shared_state()
+        res = sim.client.global_phase(0, 1, start, None, sim.train_rows[0])
+        drift[mu] = sum(float((res.update.state[k] - start[k]).norm()) for k in start)
+    assert drift[100.0] < drift[0.0]
+
+
+def test_swapping_adapters_leaks_nothing_between_clients(tok, base):
+    sim = make_sim(tok, base, "fedsa", "rounds=1")
+    sim.run()
+    x = torch.tensor([[5, 6, 7, 8]])
+    sim.am.load_state(sim.local_state(0))
+    out0 = sim.am.model(x).logits.clone()
+    sim.am.load_state(sim.local_state(1))
+    out1 = sim.am.model(x).logits.clone()
+    sim.am.load_state(sim.local_state(0))
+    assert torch.equal(sim.am.model(x).logits, out0)
+    assert not torch.equal(out0, out1)
+
+
+def test_same_seed_same_numbers(tok):
+    from tiny import tiny_model
+
+    runs = []
+    for _ in range(2):
+        sim = make_sim(tok, tiny_model(len(tok)), "fedlora_opt", "federation.fraction=0.67")
+        hist = sim.run()
+        runs.append(([h.as_dict() | {"wall_time": 0, "eval": None} for h in hist],
+                     [h.eval["global"]["loss"] for h in hist], sim.server.global_state))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    assert all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in runs[0][2])
+
+
+def test_local_only_and_centralized_run(tok, base):
+    sim = make_sim(tok, base, "local_only", "rounds=1")
+    ups = record_uploads(sim)
+    sim.run()
+    assert not ups  # nothing aggregated
+    rec = sim.history[-1]
+    assert rec.bytes_up == 0
+    clean = sim.am.release()
+    sim = make_sim(tok, clean, "centralized", "rounds=1")
+    sim.run()
+    assert sim.history[-1].sampled == [0] and sim.history[-1].examples == 3 * 2 * 2  # K x S x batch
