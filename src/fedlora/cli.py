@@ -78,8 +78,10 @@ def cmd_run(args, console: Console) -> int:
     from .runner import Session, run_experiment
 
     cfg = _load(args)
-    out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
+    res.check_run_dir(cfg.output.dir, cfg.output.overwrite)
     session = Session(cfg, console)
+    session.data(cfg)  # bad data fails here, before anything is written
+    out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     row = run_experiment(session, cfg, out)
     print()
     print(res.results_table([row]))
@@ -118,8 +120,10 @@ def cmd_compare(args, console: Console) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
     except ValueError:
         raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
+    res.check_run_dir(cfg.output.dir, cfg.output.overwrite)
     session = Session(cfg, console)
+    session.data(cfg)  # bad data fails here, before anything is written
+    out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     rows, histories = [], {}
     t0 = time.perf_counter()
     for m in methods:

@@ -33,14 +33,20 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
-    """Create the run directory; refuse to touch an existing non-empty one unless asked."""
+def check_run_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty run directory unless asked to overwrite (checked before any work)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"output.dir: {p} exists and is not a directory")
+    if p.exists() and any(p.iterdir()) and not overwrite:
+        raise UserError(f"output.dir: {p} already holds a run; choose another --out or pass --overwrite")
+    return p
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
+    """Create the run directory (after check_run_dir and the data checks passed)."""
+    p = check_run_dir(path, overwrite)
     if p.exists() and any(p.iterdir()):
-        if not overwrite:
-            raise UserError(f"output.dir: {p} already holds a run; choose another --out or pass --overwrite")
         shutil.rmtree(p)
     p.mkdir(parents=True, exist_ok=True)
     return p

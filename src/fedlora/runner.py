@@ -24,13 +24,29 @@ class Session:
     def __init__(self, cfg: Config, console: Console):
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
+        self.cfg = cfg
         self.device = pick_device(cfg.model.device)
         self.dtype = pick_dtype(cfg.model.dtype, self.device)
         self.console = console
-        with console.status(f"loading model {cfg.model.name} ({self.device}, {self.dtype})"):
-            self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-            self.base_model = load_base_model(cfg.model.name, self.device, self.dtype, cfg.model.cache_dir)
+        self._model = None
         self._examples: dict[tuple, tuple] = {}
+
+    def load_model(self) -> None:
+        """Load the tokenizer and the base model once (data is checked first, so bad data fails fast)."""
+        if self._model is None:
+            cfg = self.cfg
+            with self.console.status(f"loading model {cfg.model.name} ({self.device}, {self.dtype})"):
+                self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
+                self._model = load_base_model(cfg.model.name, self.device, self.dtype, cfg.model.cache_dir)
+
+    @property
+    def base_model(self):
+        self.load_model()
+        return self._model
+
+    @base_model.setter
+    def base_model(self, model) -> None:
+        self._model = model
 
     def data(self, cfg: Config) -> FederatedData:
         key = (cfg.data.source, cfg.data.path, tuple(sorted(cfg.data.field_map.items())), cfg.data.tasks,
@@ -87,6 +103,7 @@ def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partiti
     data = session.data(cfg)
     if show_partition:
         print_partition(console, data)
+    session.load_model()
     (out_dir / "config.yaml").write_text(dump_config(cfg))
     metrics_path = out_dir / "metrics.jsonl"
     metrics_path.write_text("")
