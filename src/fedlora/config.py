@@ -138,6 +138,9 @@ class EvalConfig:
     """Examples per client (and per global set) scored by ROUGE-L of greedy generations."""
     max_new_tokens: int = 32
     batch_size: int = 8
+    split: Literal["test", "validation"] = "test"
+    """`validation` evaluates on the validation rows carved from the clients' training data (for tuning;
+    needs data.validation_fraction > 0): local = each client's own, global = all clients' pooled by label."""
 
 
 @dataclass
@@ -391,6 +394,8 @@ def validate(cfg: Config) -> None:
     _positive("eval.max_gen_examples", cfg.eval.max_gen_examples, allow_zero=True)
     _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
     _positive("eval.batch_size", cfg.eval.batch_size)
+    if cfg.eval.split == "validation" and cfg.data.validation_fraction <= 0:
+        raise ConfigError("eval.split: 'validation' needs data.validation_fraction > 0")
     _positive("method_options.prox_mu", cfg.method_options.prox_mu, allow_zero=True)
     from .core.components import ALL_COMPONENTS
 

@@ -68,19 +68,31 @@ class Evaluator:
             "per_label": {lab: r.as_dict() for lab, r in results.items()},
         }
 
+    def _split(self, client) -> list:
+        return client.validation if self.cfg.eval.split == "validation" else client.test
+
+    def _global_sets(self) -> dict:
+        if self.cfg.eval.split == "test":
+            return self.data.global_test
+        pooled: dict = {}
+        for c in self.data.clients:
+            for e in c.validation:
+                pooled.setdefault(e.label, []).append(e)
+        return dict(sorted(pooled.items()))
+
     def run(self, method: Method, global_state: State, personals: dict[int, State]) -> dict:
-        out: dict = {}
+        out: dict = {"split": self.cfg.eval.split}
         n = len(self.data.clients)
         self.am.load_state(protocol.global_eval_state(method, global_state, [personals.get(c) for c in range(n)]))
-        out["global"] = self._labelled(self.data.global_test)
+        out["global"] = self._labelled(self._global_sets())
         if method.personal:
             out["global"]["note"] = "shared components + mean of the clients' personal components"
-        if self.data.unseen_test:
+        if self.data.unseen_test and self.cfg.eval.split == "test":
             out["unseen"] = self._labelled(self.data.unseen_test)
         per_client = []
         for c, cd in enumerate(self.data.clients):
             self.am.load_state(protocol.local_model_state(method, global_state, personals.get(c)))
-            r = evaluate(self.am, self.fmt, cd.test, self.cfg.eval, self.cfg.eval.max_examples_per_client)
+            r = evaluate(self.am, self.fmt, self._split(cd), self.cfg.eval, self.cfg.eval.max_examples_per_client)
             per_client.append(r.as_dict())
         rouges = [r["rouge_l"] for r in per_client if r["rouge_l"] is not None]
         out["local"] = {
