@@ -87,9 +87,14 @@ def build_federated_data(cfg, examples: list[Example], unseen: dict[str, list[Ex
         held.update(idx[:k].tolist())
     pool = [e for i, e in enumerate(examples) if i not in held]
     min_size = d.min_test_per_client + 1
+    assignment = None
+    if d.source == "natural_instructions":  # several tasks per client: grouped by category
+        from .natural_instructions_source import client_task_groups
+
+        assignment = client_task_groups(cfg, labels)
     parts = partition(d.partition, [e.label for e in pool], n, cfg.seed, alpha=d.alpha,
                       shards_per_client=d.shards_per_client, labels_per_client=d.labels_per_client,
-                      min_size=min_size)
+                      min_size=min_size, assignment=assignment)
     clients = []
     for c, part in enumerate(parts):
         crng = np.random.default_rng([cfg.seed, c])

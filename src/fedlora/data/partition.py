@@ -50,16 +50,22 @@ def dirichlet(labels: list[str], num_clients: int, alpha: float, seed: int, min_
     )
 
 
-def by_label(labels: list[str], num_clients: int, seed: int, labels_per_client: int = 1) -> list[list[int]]:
-    """Each client holds `labels_per_client` labels; a label shared by several clients is split evenly."""
+def by_label(labels: list[str], num_clients: int, seed: int, labels_per_client: int = 1,
+             assignment: list[list[str]] | None = None) -> list[list[int]]:
+    """Each client holds `labels_per_client` labels; a label shared by several clients is split evenly.
+
+    `assignment`, when given, names the labels of each client (one list per client) instead."""
     rng = np.random.default_rng(seed)
     groups = _by_label(labels)
     names = list(groups)
     if labels_per_client > len(names):
         raise DataError(f"data.labels_per_client={labels_per_client} but the data has only {len(names)} labels")
     order = [names[i] for i in rng.permutation(len(names))]
-    assignment = [[order[(c * labels_per_client + j) % len(order)] for j in range(labels_per_client)]
-                  for c in range(num_clients)]
+    if assignment is None:
+        assignment = [[order[(c * labels_per_client + j) % len(order)] for j in range(labels_per_client)]
+                      for c in range(num_clients)]
+    elif len(assignment) != num_clients or any(lab not in groups for labs in assignment for lab in labs):
+        raise DataError(f"label assignment {assignment} does not fit {num_clients} clients and labels {names}")
     owners: dict[str, list[int]] = defaultdict(list)
     for c, labs in enumerate(assignment):
         for lab in labs:
@@ -86,7 +92,8 @@ def shards(labels: list[str], num_clients: int, seed: int, shards_per_client: in
 
 
 def partition(kind: str, labels: list[str], num_clients: int, seed: int, *, alpha: float = 0.5,
-              shards_per_client: int = 2, labels_per_client: int = 1, min_size: int = 1) -> list[list[int]]:
+              shards_per_client: int = 2, labels_per_client: int = 1, min_size: int = 1,
+              assignment: list[list[str]] | None = None) -> list[list[int]]:
     if num_clients > len(labels):
         raise DataError(f"federation.clients={num_clients} but only {len(labels)} examples are available "
                         f"to partition: every client would not get data")
@@ -95,7 +102,7 @@ def partition(kind: str, labels: list[str], num_clients: int, seed: int, *, alph
     elif kind == "dirichlet":
         parts = dirichlet(labels, num_clients, alpha, seed, min_size=min_size)
     elif kind in ("label", "task"):
-        parts = by_label(labels, num_clients, seed, labels_per_client)
+        parts = by_label(labels, num_clients, seed, labels_per_client, assignment)
     elif kind == "shards":
         parts = shards(labels, num_clients, seed, shards_per_client)
     else:
