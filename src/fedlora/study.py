@@ -1,0 +1,114 @@
+"""`fedlora study`: the method study, as a list of experiments, resumable run by run.
+
+A study spec (YAML) names experiments; each is a base config plus `--set` overrides, a list of methods and
+seeds. Every (experiment, method, seed) run writes its own directory; finished runs are skipped, so a study
+interrupted (or spread over several GPU leases) is completed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from . import results as res
+from .errors import ConfigError, UserError
+
+
+def load_spec(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study spec not found: {p}")
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"study spec {p} is not valid YAML") from None
+    if not isinstance(spec.get("experiments"), dict) or not spec["experiments"]:
+        raise ConfigError(f"study spec {p}: needs a non-empty 'experiments' mapping")
+    for name, exp in spec["experiments"].items():
+        for key in ("config", "methods"):
+            if key not in exp:
+                raise ConfigError(f"study spec {p}: experiment '{name}' has no '{key}'")
+    return spec
+
+
+def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, console: Console) -> Path:
+    from .cli import _aggregate_rows
+    from .config import load_config
+    from .runner import Session, run_experiment
+
+    spec = load_spec(spec_path)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    session = None
+    tables = []
+    for name, exp in spec["experiments"].items():
+        if only and name not in only:
+            continue
+        sets = list(exp.get("set", [])) + (list(spec.get("quick", [])) + list(exp.get("quick", [])) if quick else [])
+        seeds = exp.get("seeds", spec.get("seeds", [0]))
+        if quick:
+            seeds = seeds[:1]
+        base = load_config(exp["config"], sets)
+        if session is None:
+            session = Session(base, console)
+        rows, histories = [], {}
+        for method_entry in exp["methods"]:
+            label, extra = _method_entry(method_entry)
+            per_seed = []
+            for seed in seeds:
+                run_dir = root / name / label / f"seed_{seed}"
+                done = run_dir / "results.json"
+                if done.is_file():
+                    per_seed.append(json.loads(done.read_text())["summary"])
+                    console.print(f"[dim]{name}/{label}/seed_{seed}: done, skipped")
+                    continue
+                cfg = load_config(exp["config"], sets + extra + [f"seed={seed}"])
+                cfg.output.dir = str(run_dir)
+                res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run restarts from scratch
+                console.rule(f"{name}: {label} (seed {seed})")
+                row = run_experiment(session, cfg, run_dir, show_partition=False)
+                per_seed.append(row)
+            agg = _aggregate_rows(per_seed)
+            agg["method"] = label
+            rows.append(agg)
+            histories[label] = [json.loads(x) for x in
+                                (root / name / label / f"seed_{seeds[0]}" / "metrics.jsonl").read_text().splitlines()]
+        table = res.results_table(rows)
+        res.write_json(root / name / "results.json", {"rows": rows, "seeds": seeds, "sets": sets})
+        (root / name / "results.md").write_text(table)
+        res.plot_curves(histories, root / name / "curves.png")
+        res.plot_per_client(rows, root / name / "per_client_local.png")
+        tables.append(f"## {name}\n\n{exp.get('description', '')}\n\nseeds {seeds}; overrides {sets}\n\n{table}")
+    (root / "summary.md").write_text("\n".join(tables))
+    print("\n".join(tables))
+    return root
+
+
+def _method_entry(entry) -> tuple[str, list[str]]:
+    """`fedit` or {label: ..., method: ..., set: [...]} for a variant of a method."""
+    if isinstance(entry, str):
+        return entry, [f"method={entry}"]
+    if not isinstance(entry, dict) or "method" not in entry:
+        raise ConfigError(f"study spec: a method entry must be a name or a mapping with 'method', got {entry!r}")
+    return entry.get("label", entry["method"]), [f"method={entry['method']}"] + list(entry.get("set", []))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("study", help="run (or complete) the method study described by a spec file")
+    p.add_argument("--spec", default="configs/study/study.yaml")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--quick", action="store_true", help="one seed and the spec's reduced sizes")
+    p.add_argument("--only", help="comma-separated experiment names")
+
+    def handler(args, console):
+        only = args.only.split(",") if args.only else None
+        try:
+            run_study(args.spec, args.out, quick=args.quick, only=only, console=console)
+        except KeyError as e:
+            raise UserError(f"study spec: missing key {e}") from None
+        return 0
+
+    p.set_defaults(handler=handler)
