@@ -1,4 +1,10 @@
-"""The server side of a round: validate uploads, aggregate the shared components, step the server optimizer."""
+"""The server side of a round: validate uploads, aggregate the shared components, step the server optimizer.
+
+Validation (keys, shapes, dtypes, NaN/Inf, example counts, and optionally delta norms far beyond
+the round's median) rejects single updates with a logged reason; the round aggregates the rest.
+`state_dict()` / `load_state_dict()` carry everything the server needs to resume (global state
+and server optimizer state), for the simulator's checkpoints and for a Flower ServerApp alike.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import robust
 from .aggregate import ClientUpdate, direction_aware_mean, renormalize_directions
 from .components import State, clone, select
 from .magdir import Axis
@@ -22,6 +29,8 @@ class RoundReport:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     num_examples: int = 0
+    clipped: list[int] = field(default_factory=list)
+    """Accepted clients whose delta was scaled down to `clip_norm`."""
 
 
 def check_update(update: ClientUpdate, expected: Mapping[str, torch.Tensor]) -> str | None:
@@ -51,15 +60,21 @@ def check_update(update: ClientUpdate, expected: Mapping[str, torch.Tensor]) -> 
 class Server:
     """Holds the global adapter state and turns a round's uploads into the next global state."""
 
-    def __init__(self, method: Method, init_state: State, optimizer, direction_axes: Mapping[str, Axis]):
+    def __init__(self, method: Method, init_state: State, optimizer, direction_axes: Mapping[str, Axis],
+                 robust_options: robust.RobustOptions | None = None):
         self.method = method
         self.global_state: State = clone(init_state)
         self.optimizer = optimizer
         self.axes = dict(direction_axes)
+        self.robust = robust_options or robust.RobustOptions()
 
     def shared_state(self) -> State:
         """What is sent down to clients each round."""
         return select(self.global_state, self.method.shared)
+
+    def _reject(self, report: RoundReport, cid: int, reason: str) -> None:
+        report.rejected[cid] = reason
+        log.warning("round update from client %s rejected: %s", cid, reason)
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> RoundReport:
         report = RoundReport()
@@ -68,16 +83,60 @@ class Server:
         for u in updates:
             reason = check_update(u, expected) if expected else None
             if reason:
-                report.rejected[u.client_id] = reason
-                log.warning("round update from client %s rejected: %s", u.client_id, reason)
+                self._reject(report, u.client_id, reason)
             else:
                 good.append(u)
-                report.accepted.append(u.client_id)
-                report.num_examples += u.num_examples
+        if expected and good and self.robust.max_norm_ratio is not None:
+            norms = [robust.delta_norm(d) for d in robust.deltas([u.state for u in good], expected, self.axes)]
+            outliers = robust.norm_outliers(norms, self.robust.max_norm_ratio)
+            for i, reason in outliers.items():
+                self._reject(report, good[i].client_id, reason)
+            good = [u for i, u in enumerate(good) if i not in outliers]
+        report.accepted = [u.client_id for u in good]
+        report.num_examples = sum(u.num_examples for u in good)
         if not expected or not good:
             return report
-        mean = direction_aware_mean([u.state for u in good], [u.num_examples for u in good], self.axes)
+        weights = [u.num_examples for u in good]
+        if self.robust.plain:
+            mean = direction_aware_mean([u.state for u in good], weights, self.axes)
+        else:
+            ds = robust.deltas([u.state for u in good], expected, self.axes)
+            if self.robust.clip_norm is not None:
+                for i, u in enumerate(good):
+                    ds[i], was_clipped = robust.clip(ds[i], self.robust.clip_norm)
+                    if was_clipped:
+                        report.clipped.append(u.client_id)
+                        log.info("round update from client %s clipped to norm %g", u.client_id,
+                                 self.robust.clip_norm)
+            mean = robust.apply_delta(expected, robust.combine(ds, weights, self.robust), self.axes)
         delta = {k: mean[k] - expected[k] for k in expected}
         stepped = renormalize_directions(self.optimizer.step(expected, delta), self.axes)
         self.global_state.update({k: v.to(expected[k].dtype) for k, v in stepped.items()})
         return report
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Global state and server optimizer state: all a server needs to continue after a restart."""
+        return {"global_state": clone(self.global_state, "cpu"),
+                "optimizer": _moved(self.optimizer.state_dict(), "cpu")}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore `state_dict()`; refuses (ValueError) a global state that does not fit this adapter."""
+        g = state["global_state"]
+        problem = check_update(ClientUpdate(-1, dict(g), 1), self.global_state)
+        if problem:
+            raise ValueError(f"saved global state does not fit this adapter: {problem}")
+        device = next(iter(self.global_state.values())).device if self.global_state else torch.device("cpu")
+        self.global_state = clone(g, device)
+        self.optimizer.load_state_dict(_moved(state["optimizer"], device))
+
+
+def _moved(obj, device):
+    """A copy of a nest of dicts/lists/tensors with every tensor cloned onto `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device=device, copy=True)
+    if isinstance(obj, Mapping):
+        return {k: _moved(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_moved(v, device) for v in obj)
+    return obj
