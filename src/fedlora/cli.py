@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated experiment")
     _common(run)
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its last complete checkpoint, with its own config")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: continue even if --config/--set or the data differ from the run's")
     cmp_ = sub.add_parser("compare", help="run several methods (and seeds) on identical partitions")
     _common(cmp_)
     cmp_.add_argument("--methods", help="comma-separated method names (default: all)")
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Subcommands living in other modules (analysis, Flower); each exposes `register(subparsers)`."""
     out = []
-    for mod in ("fedlora.analysis.command", "fedlora.flower.command"):
+    for mod in ("fedlora.analysis.command", "fedlora.flower.command", "fedlora.study"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ImportError:
@@ -75,18 +79,111 @@ def _load(args):
 
 def cmd_run(args, console: Console) -> int:
     from . import results as res
-    from .runner import Session, run_experiment
+    from .runner import Session, check_lora_targets, run_experiment
 
+    if args.resume:
+        return cmd_resume(args, console)
+    if args.force:
+        raise UserError("--force only applies to --resume RUN_DIR")
     cfg = _load(args)
     res.check_run_dir(cfg.output.dir, cfg.output.overwrite)
     session = Session(cfg, console)
     session.data(cfg)  # bad data fails here, before anything is written
+    session.load_model()  # and a bad model path or target module, before an old run is replaced
+    check_lora_targets(session.base_model, cfg.lora.target_modules)
     out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     row = run_experiment(session, cfg, out)
     print()
     print(res.results_table([row]))
     console.print(f"results written to {out}/ (results.json, results.md, metrics.jsonl, curves.png, adapters/)")
     return 0
+
+
+def cmd_resume(args, console: Console) -> int:
+    """`fedlora run --resume RUN_DIR`: every check first, so a refused resume leaves RUN_DIR as it was."""
+    import yaml
+
+    from . import results as res
+    from .checkpoint import CheckpointError, CheckpointStore
+    from .config import config_from_dict, load_config
+    from .runner import Session, check_lora_targets, run_experiment
+
+    run = Path(args.resume)
+    if args.out:
+        raise UserError("--resume continues in RUN_DIR itself; drop --out")
+    if args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; use one or the other")
+    if not run.exists():
+        raise CheckpointError(f"--resume: {run} does not exist")
+    if not run.is_dir():
+        raise CheckpointError(f"--resume: {run} is not a directory")
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(f"--resume: {run} is not a run directory (it has no config.yaml)")
+    ckpt, skipped = CheckpointStore(run).latest()
+    finished = (run / "results.json").is_file()
+    if ckpt is None and not finished:
+        detail = ""
+        if skipped:
+            name, why = next(iter(skipped.items()))
+            detail = f"; {name}: {why}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
+        raise CheckpointError(f"--resume: {run} has no complete checkpoint to resume from{detail}")
+    cfg = load_config(args.config or run / "config.yaml", args.set)
+    cfg.output.dir, cfg.output.overwrite = str(run), False
+    if ckpt is not None:
+        try:
+            saved = config_from_dict(yaml.safe_load(ckpt.config_yaml))
+        except UserError as e:
+            raise CheckpointError(f"--resume: the config in {ckpt.path} is invalid: {e}") from None
+    else:
+        saved = load_config(run / "config.yaml")
+    diff = config_difference(saved.to_dict(), cfg.to_dict())
+    if diff and not args.force:
+        raise CheckpointError(f"--resume: the config differs from the run's ({diff}); resume without "
+                              f"--config/--set, or pass --force to continue with the new config")
+    if finished and (ckpt is None or ckpt.round >= cfg.federation.rounds):
+        print(f"{run}: the run already finished ({cfg.federation.rounds} rounds); nothing to do")
+        return 0
+    if ckpt is None:
+        raise CheckpointError(f"--resume: {run} has no complete checkpoint to resume from")
+    if ckpt.round > cfg.federation.rounds:
+        raise CheckpointError(f"--resume: the checkpoint is after round {ckpt.round}, beyond "
+                              f"federation.rounds={cfg.federation.rounds}")
+    for name, why in skipped.items():
+        console.print(f"[yellow]checkpoint {name} is incomplete ({why}); using {ckpt.path.name}")
+    session = Session(cfg, console)
+    data = session.data(cfg)
+    if data.fingerprint != ckpt.fingerprint and not args.force:
+        raise CheckpointError(f"--resume: the data differ from the run's (fingerprint {ckpt.fingerprint}, now "
+                              f"{data.fingerprint}, data.path={cfg.data.path}); pass --force to continue anyway")
+    session.load_model()
+    check_lora_targets(session.base_model, cfg.lora.target_modules)
+    row = run_experiment(session, cfg, run, resume=ckpt)
+    print()
+    print(res.results_table([row]))
+    console.print(f"results written to {run}/")
+    return 0
+
+
+def config_difference(old: dict, new: dict, prefix: str = "") -> str:
+    """The first differing field (and how many more) between two config dicts; '' when equal.
+
+    The `output` section is not compared: it says what is written, not what is computed.
+    """
+    diffs = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(a) + [k for k in b if k not in a]:
+                if path == "" and k == "output":
+                    continue
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            diffs.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(old, new, prefix)
+    if not diffs:
+        return ""
+    return diffs[0] + (f" and {len(diffs) - 1} more" if len(diffs) > 1 else "")
 
 
 def _aggregate_rows(rows: list[dict]) -> dict:
@@ -109,7 +206,7 @@ def _aggregate_rows(rows: list[dict]) -> dict:
 def cmd_compare(args, console: Console) -> int:
     from . import results as res
     from .core.methods import METHODS
-    from .runner import Session, run_experiment
+    from .runner import Session, check_lora_targets, run_experiment
 
     cfg = _load(args)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
@@ -123,6 +220,8 @@ def cmd_compare(args, console: Console) -> int:
     res.check_run_dir(cfg.output.dir, cfg.output.overwrite)
     session = Session(cfg, console)
     session.data(cfg)  # bad data fails here, before anything is written
+    session.load_model()
+    check_lora_targets(session.base_model, cfg.lora.target_modules)
     out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     rows, histories = [], {}
     t0 = time.perf_counter()

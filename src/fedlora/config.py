@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +90,14 @@ class FederationConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    """How valid updates are combined: example-weighted `mean`, coordinate-wise `median` or `trimmed_mean`."""
+    trim_fraction: float = 0.1
+    """trimmed_mean: fraction of the clients dropped at each end, per coordinate (in [0, 0.5))."""
+    clip_norm: float | None = None
+    """Scale each client's update (change of the shared state) down to at most this L2 norm (None: off)."""
+    max_norm_ratio: float | None = None
+    """Reject updates whose norm exceeds this multiple of the round's median update norm, e.g. 10 (None: off)."""
 
 
 @dataclass
@@ -149,6 +158,8 @@ class OutputConfig:
     overwrite: bool = False
     save_adapters: bool = True
     plots: bool = True
+    checkpoint_every: int = 1
+    """Checkpoint every k rounds (and always after the last; 0: only after the last). See docs/reliability.md."""
 
 
 @dataclass
@@ -216,6 +227,8 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -346,11 +359,28 @@ def validate(cfg: Config) -> None:
             f"method: unknown method {cfg.method!r}{_suggest(cfg.method, list(METHODS))}; "
             f"available: {', '.join(METHODS)}"
         )
+    try:
+        METHODS[cfg.method](cfg.method_options)
+    except ValueError as e:  # a policy that contradicts itself, e.g. personal_mode 'reset' of a personal-only part
+        raise ConfigError(f"method_options: {e}") from None
+    if cfg.seed < 0:
+        raise ConfigError(f"seed: {cfg.seed!r} must be >= 0")
+    _positive("model.threads", cfg.model.threads, allow_none=True)
     _positive("federation.clients", cfg.federation.clients)
     _positive("federation.rounds", cfg.federation.rounds)
     if not 0 < cfg.federation.fraction <= 1:
         raise ConfigError(f"federation.fraction: {cfg.federation.fraction!r} must be in (0, 1]")
     _positive("federation.server_lr", cfg.federation.server_lr)
+    fed = cfg.federation
+    for name in ("server_momentum", "server_beta1", "server_beta2"):
+        if not 0 <= getattr(fed, name) < 1:
+            raise ConfigError(f"federation.{name}: {getattr(fed, name)!r} must be in [0, 1)")
+    _positive("federation.server_tau", fed.server_tau)
+    if not 0 <= fed.trim_fraction < 0.5:
+        raise ConfigError(f"federation.trim_fraction: {fed.trim_fraction!r} must be in [0, 0.5)")
+    _positive("federation.clip_norm", fed.clip_norm, allow_none=True)
+    if fed.max_norm_ratio is not None and not fed.max_norm_ratio > 1:
+        raise ConfigError(f"federation.max_norm_ratio: {fed.max_norm_ratio!r} must be > 1 (or null: off)")
     _positive("train.local_steps", cfg.train.local_steps)
     _positive("train.local_epochs", cfg.train.local_epochs, allow_none=True)
     _positive("train.personal_steps", cfg.train.personal_steps, allow_zero=True)
@@ -389,6 +419,7 @@ def validate(cfg: Config) -> None:
             f"data.field_map: unknown entry '{sorted(unknown)[0]}'; allowed: instruction, context, response, label"
         )
     _positive("eval.every", cfg.eval.every)
+    _positive("output.checkpoint_every", cfg.output.checkpoint_every, allow_zero=True)
     _positive("eval.max_examples_per_client", cfg.eval.max_examples_per_client)
     _positive("eval.max_global_examples", cfg.eval.max_global_examples)
     _positive("eval.max_gen_examples", cfg.eval.max_gen_examples, allow_zero=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import results as res
+from .checkpoint import Checkpoint, CheckpointError, CheckpointStore, is_due
 from .config import Config, dump_config
 from .data.federated import FederatedData, build_federated_data, load_examples
 from .model import load_base_model, load_tokenizer, pick_device, pick_dtype
@@ -58,6 +60,18 @@ class Session:
         return build_federated_data(cfg, examples, unseen)
 
 
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every `lora.target_modules` entry must name modules of the model (PEFT's rule: the name or its last parts)."""
+    from .config import _suggest
+    from .errors import ConfigError
+
+    names = [n for n, _ in model.named_modules()]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+            raise ConfigError(f"lora.target_modules: {t!r} matches no module of this model{_suggest(t, leaves)}")
+
+
 def print_partition(console: Console, data: FederatedData) -> None:
     labels, rows = data.table()
     table = Table(title="training rows per client and label", show_lines=False)
@@ -96,36 +110,60 @@ def round_line(rec: RoundRecord) -> str:
 
 
 def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partition: bool = True,
-                   on_round: Callable[[RoundRecord], None] | None = None) -> dict:
-    """Run one method with one seed; write everything into out_dir; return the summary row."""
+                   on_round: Callable[[RoundRecord], None] | None = None, resume: Checkpoint | None = None) -> dict:
+    """Run one method with one seed; write everything into out_dir; return the summary row.
+
+    With `resume` (a checkpoint of this run directory, already checked against cfg and the data) the
+    simulator's state, metrics.jsonl and the round counter are restored and the run continues after
+    the checkpoint's round; a checkpoint is written every `output.checkpoint_every` rounds and after the last.
+    """
     console = session.console
     t0 = time.perf_counter()
+    elapsed_before = resume.elapsed if resume else 0.0
     data = session.data(cfg)
     if show_partition:
         print_partition(console, data)
     session.load_model()
-    (out_dir / "config.yaml").write_text(dump_config(cfg))
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
+    config_yaml = dump_config(cfg)
+    store = CheckpointStore(out_dir)
     steps_per_round = max(1, int(round(cfg.federation.fraction * cfg.federation.clients)))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        task = progress.add_task(f"{cfg.method} seed {cfg.seed}", total=cfg.federation.rounds * steps_per_round)
+        done = resume.round if resume else 0
+        task = progress.add_task(f"{cfg.method} seed {cfg.seed}", total=cfg.federation.rounds * steps_per_round,
+                                 completed=done * steps_per_round)
         sim = Simulation(cfg, session.tokenizer, session.base_model, data,
                          log=lambda m: console.print(f"[yellow]{m}"),
                          progress=lambda: progress.advance(task))
         try:
-            def record(rec: RoundRecord) -> None:
-                with open(metrics_path, "a") as f:
-                    import json
+            lines: list[str] = []
+            if resume is not None:  # restore first: a checkpoint that does not fit changes nothing on disk
+                lines = list(resume.metrics)
+                try:
+                    sim.load_state_dict(resume.state, [RoundRecord.from_dict(json.loads(x)) for x in lines])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"--resume: checkpoint {resume.path.name} does not fit this config: {e}") \
+                        from None
+                console.print(f"resuming after round {resume.round} of {cfg.federation.rounds} "
+                              f"(checkpoint {resume.path.relative_to(out_dir)})")
+            res.atomic_write(out_dir / "config.yaml", config_yaml)
+            res.atomic_write(metrics_path, "".join(lines))
 
-                    f.write(json.dumps(rec.as_dict(), default=float) + "\n")
+            def record(rec: RoundRecord) -> None:
+                line = json.dumps(rec.as_dict(), default=float) + "\n"
+                lines.append(line)
+                with open(metrics_path, "a") as f:
+                    f.write(line)
                 console.print(round_line(rec))
+                if is_due(rec.round, cfg.federation.rounds, cfg.output.checkpoint_every):
+                    store.save(rec.round, sim.state_dict(), lines, config_yaml, data.fingerprint,
+                               elapsed_before + time.perf_counter() - t0)
                 if on_round:
                     on_round(rec)
 
-            history = sim.run(on_round=record)
-            wall = time.perf_counter() - t0
+            history = sim.run(on_round=record, start_round=done + 1)
+            wall = elapsed_before + time.perf_counter() - t0
             hist = [h.as_dict() for h in history]
             row = res.summary_row(cfg.method, hist, sim.parameter_counts(), wall)
             if cfg.output.save_adapters:
@@ -136,13 +174,15 @@ def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partiti
                     for cid in sorted(sim.personal):
                         sim.am.export_peft(sim.local_state(cid), adapters / "clients" / f"client_{cid}")
                     torch.save({c: s for c, s in sim.personal.items()}, out_dir / "personal_state.pt")
-            res.write_json(out_dir / "results.json", {
-                "summary": row, "history": hist, "method": sim.method.summary,
-                "provenance": res.provenance(cfg, data, {"wall_time": wall, "device": str(session.device)}),
-            })
             (out_dir / "results.md").write_text(res.results_table([row]))
             if cfg.output.plots:
                 res.plot_curves({cfg.method: hist}, out_dir / "curves.png")
+            # written last: its presence means the run finished (see `fedlora run --resume`)
+            res.write_json(out_dir / "results.json", {
+                "summary": row, "history": hist, "method": sim.method.summary,
+                "provenance": res.provenance(cfg, data, {"wall_time": wall, "device": str(session.device),
+                                                         "resumed": bool(resume)}),
+            })
         finally:
             session.base_model = sim.am.release()
     return row

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .adapters import AdapterModel
+from .checkpoint import fault_point
 from .client import FedClient
 from .core import protocol
-from .core.components import State, nbytes, numel, select
+from .core.components import State, clone, nbytes, numel, select
 from .core.methods import Method, build_method
+from .core.robust import RobustOptions
 from .core.server import Server
 from .core.server_opt import build_server_optimizer
 from .data.federated import FederatedData
@@ -45,6 +48,11 @@ class RoundRecord:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, row: Mapping) -> RoundRecord:
+        """From a metrics.jsonl row (extra keys, e.g. the Flower runtime's, are ignored)."""
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls) if f.name in row})
 
 
 @dataclass
@@ -124,7 +132,8 @@ class Simulation:
         rows = [[self.fmt.encode(e) for e in c.train] for c in self.data.clients]
         self.train_rows = [sum(rows, [])] if self.method.pooled else rows
         self.client = FedClient(self.am, self.method, cfg, self.tokenizer.pad_token_id)
-        self.server = Server(self.method, self.am.init_state, build_server_optimizer(cfg.federation), self.am.axes)
+        self.server = Server(self.method, self.am.init_state, build_server_optimizer(cfg.federation), self.am.axes,
+                             RobustOptions.from_config(cfg.federation))
         self.personal: dict[int, State] = {}
         self.evaluator = Evaluator(self.am, self.fmt, self.data, cfg)
         self.history: list[RoundRecord] = []
@@ -156,6 +165,7 @@ class Simulation:
             updates.append(res.update)
             losses.append((res.stats.loss, res.stats.examples))
             self._tick()
+            fault_point("train", rnd)
         report = self.server.aggregate(updates) if m.shared else None
         rejected = report.rejected if report else {}
         for cid, why in rejected.items():
@@ -196,6 +206,37 @@ class Simulation:
             if on_round:
                 on_round(rec)
         return self.history
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Everything that changes from round to round (the rest is rebuilt from config + seed on resume).
+
+        Client sampling and every training phase are seeded by (seed, round[, client, phase]), so no sampler
+        state exists; the global torch RNG is saved anyway, for anything that might draw from it between phases.
+        """
+        return {
+            "server": self.server.state_dict(),
+            "personal": {int(c): clone(s, "cpu") for c, s in self.personal.items()},  # insertion order kept
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: Mapping, history: list[RoundRecord] | None = None) -> None:
+        """Restore `state_dict()` (checked against this adapter first: ValueError if it does not fit)."""
+        init = self.am.init_state
+        names = {n: n for n in self.am.params}  # the model's own name strings, so saved files pickle identically
+        personal = {}
+        for c, s in state["personal"].items():
+            c = int(c)
+            if not 0 <= c < len(self.data.clients):
+                raise ValueError(f"saved personal state of client {c}, but the run has {len(self.data.clients)}")
+            for k, v in s.items():
+                if k not in init or tuple(v.shape) != tuple(init[k].shape) or v.dtype != init[k].dtype:
+                    raise ValueError(f"saved personal state of client {c} does not fit this adapter ({k})")
+            personal[c] = {names[k]: v for k, v in clone(s, self.am.device).items()}
+        self.server.load_state_dict(state["server"])
+        self.personal = personal
+        torch.set_rng_state(state["torch_rng"])
+        self.history = list(history or [])
 
     def local_state(self, cid: int) -> State:
         return protocol.local_model_state(self.method, self.server.global_state, self.personal.get(cid))
