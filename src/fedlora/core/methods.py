@@ -16,6 +16,7 @@ Adding a method means adding a builder to `METHODS`; the training loop never loo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,8 +88,25 @@ def _mult(opts, comps) -> dict[str, float]:
 # --------------------------------------------------------------------------- the methods
 
 
-def fedlora_opt(opts) -> Method:
+def lora_matched_multipliers(rank: int) -> dict[str, float]:
+    """Learning-rate multipliers that make the decomposed factors move as fast as plain LoRA's under Adam.
+
+    Adam moves every entry by about lr per step. A LoRA row of B (r entries) then grows by up to
+    lr*sqrt(r) per step, while B's magnitude (one number per row) grows by lr: x sqrt(r). PEFT's
+    Kaiming-uniform init gives A's rows a norm of 1/sqrt(3), so a unit-norm stored direction turns
+    sqrt(3) times slower than A itself: x sqrt(3). Explicit `lr_mult` entries override these.
+    """
+    return {"A.dir": math.sqrt(3.0), "B.mag": math.sqrt(rank)}
+
+
+def fedlora_opt(opts, rank: int = 8) -> Method:
     """The paper's method: A's direction (and the rest of the adapter) shared; B's magnitude personal."""
+    defaults = lora_matched_multipliers(rank) if opts.lr_match else {}
+    opts_mult = {**defaults, **opts.lr_mult}
+
+    def _m(comps):
+        return {c: float(opts_mult.get(c, 1.0)) for c in comps}
+
     global_comps = ["A.dir", "B.dir", "B.mag"] + ([] if opts.freeze_a_mag else ["A.mag"])
     shared = {"A.dir", "B.dir"} | ({"A.mag"} if not opts.freeze_a_mag else set())
     if opts.share_b_mag:
@@ -98,21 +116,21 @@ def fedlora_opt(opts) -> Method:
     return Method(
         name="fedlora_opt",
         adapter="magdir",
-        global_train=_mult(opts, global_comps),
+        global_train=_m(global_comps),
         shared=frozenset(shared),
         personal=frozenset(personal),
-        local_train=_mult(opts, local),
+        local_train=_m(local),
         personal_mode=opts.personal_mode,
         summary="magnitude/direction LoRA; global phase trains the decomposed adapter and shares A (and B.dir); "
         "local phase trains the personal B.mag, which never leaves the client",
     )
 
 
-def fedit(opts) -> Method:
+def fedit(opts, rank: int = 8) -> Method:
     return Method("fedit", "lora", _mult(opts, ["A", "B"]), frozenset({"A", "B"}), summary="FedAvg over LoRA A and B")
 
 
-def fedprox(opts) -> Method:
+def fedprox(opts, rank: int = 8) -> Method:
     return Method(
         "fedprox",
         "lora",
@@ -123,11 +141,11 @@ def fedprox(opts) -> Method:
     )
 
 
-def ffa(opts) -> Method:
+def ffa(opts, rank: int = 8) -> Method:
     return Method("ffa", "lora", _mult(opts, ["B"]), frozenset({"B"}), summary="FFA-LoRA: A frozen at init, B shared")
 
 
-def fedsa(opts) -> Method:
+def fedsa(opts, rank: int = 8) -> Method:
     return Method(
         "fedsa",
         "lora",
@@ -138,7 +156,7 @@ def fedsa(opts) -> Method:
     )
 
 
-def feddpa(opts) -> Method:
+def feddpa(opts, rank: int = 8) -> Method:
     return Method(
         "feddpa",
         "dual",
@@ -150,7 +168,7 @@ def feddpa(opts) -> Method:
     )
 
 
-def feddora(opts) -> Method:
+def feddora(opts, rank: int = 8) -> Method:
     return Method(
         "feddora",
         "dora",
@@ -160,7 +178,7 @@ def feddora(opts) -> Method:
     )
 
 
-def fedit_ft(opts) -> Method:
+def fedit_ft(opts, rank: int = 8) -> Method:
     return Method(
         "fedit_ft",
         "lora",
@@ -173,7 +191,7 @@ def fedit_ft(opts) -> Method:
     )
 
 
-def local_only(opts) -> Method:
+def local_only(opts, rank: int = 8) -> Method:
     return Method(
         "local_only",
         "lora",
@@ -184,7 +202,7 @@ def local_only(opts) -> Method:
     )
 
 
-def centralized(opts) -> Method:
+def centralized(opts, rank: int = 8) -> Method:
     return Method(
         "centralized",
         "lora",
@@ -209,5 +227,5 @@ METHODS: dict[str, Callable[..., Method]] = {
 }
 
 
-def build_method(name: str, opts) -> Method:
-    return METHODS[name](opts)
+def build_method(name: str, opts, rank: int = 8) -> Method:
+    return METHODS[name](opts, rank)
