@@ -38,6 +38,9 @@ def check_run_dir(path: str | Path, overwrite: bool) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"output.dir: {p} exists and is not a directory")
+    for parent in p.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"output.dir: {p} cannot be created: {parent} is a file")
     if p.exists() and any(p.iterdir()) and not overwrite:
         raise UserError(f"output.dir: {p} already holds a run; choose another --out or pass --overwrite")
     return p
@@ -48,7 +51,10 @@ def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
     p = check_run_dir(path, overwrite)
     if p.exists() and any(p.iterdir()):
         shutil.rmtree(p)
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output.dir: cannot create {p}: {e.strerror}") from None
     return p
 
 
