@@ -1,0 +1,80 @@
+"""`fedlora flower simulate`: the Flower app under Flower's simulation engine (Ray), N virtual SuperNodes.
+
+For real deployment (flower-superlink, flower-supernode, flwr run) see docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from rich.console import Console
+
+from ..errors import UserError
+
+
+def register(subparsers) -> None:
+    flower = subparsers.add_parser(
+        "flower", help="run on Flower (simulation engine here; SuperLink/SuperNodes: see docs/deployment.md)")
+    sub = flower.add_subparsers(dest="flower_command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "simulate",
+        help="run one experiment with the Flower app on Flower's simulation engine",
+        description="Runs the project's ServerApp and ClientApp with flwr.simulation.run_simulation: one virtual "
+                    "SuperNode per client (federation.clients), each with its partition-id. Writes the same run "
+                    "directory as `fedlora run`.",
+    )
+    p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set rounds=5 (repeatable)")
+    p.add_argument("--out", "-o", help="run directory (default: output.dir from the config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per virtual client (default 1)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client (default 0; e.g. 0.5)")
+    p.add_argument("--min-replies", type=int, default=1,
+                   help="fewest replies with which a round still aggregates (default 1)")
+    p.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds to wait for the replies of one phase (default 3600)")
+    p.set_defaults(handler=cmd_simulate)
+
+
+def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    from .. import results as res
+    from .settings import RunSettings
+
+    if args.num_cpus <= 0 or args.num_gpus < 0:
+        raise UserError("--num-cpus must be > 0 and --num-gpus >= 0")
+    settings = RunSettings.from_run_config({
+        "config": str(Path(args.config).resolve()) if args.config else "",
+        "set": shlex.join(args.set), "out": args.out or "", "overwrite": args.overwrite,
+        "min-replies": args.min_replies, "round-timeout": args.round_timeout,
+    })
+    cfg = settings.load()  # bad config or data: one line, before Ray starts
+    from ..data.federated import build_federated_data, load_examples
+
+    build_federated_data(cfg, *load_examples(cfg, warn=lambda m: console.print(f"[yellow]{m}")))
+    out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
+
+    import logging
+
+    from flwr.simulation import run_simulation
+
+    from .client_app import app as client_app
+    from .server_app import make_server_app
+
+    logging.getLogger("flwr").propagate = False  # flwr logs through its own handler; no second copy
+    console.print(f"Flower simulation: {cfg.federation.clients} virtual clients, method {cfg.method}, "
+                  f"{cfg.federation.rounds} rounds")
+    run_simulation(
+        server_app=make_server_app(settings.as_run_config()),
+        client_app=client_app,
+        num_supernodes=cfg.federation.clients,
+        backend_config={"client_resources": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}},
+    )
+    if not (out / "results.json").is_file():
+        raise UserError(f"the Flower simulation did not finish (no {out / 'results.json'}); see the log above")
+    print()
+    print((out / "results.md").read_text())
+    console.print(f"results written to {out}/ (results.json, results.md, metrics.jsonl, curves.png, adapters/)")
+    return 0

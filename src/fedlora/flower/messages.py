@@ -1,0 +1,57 @@
+"""The messages between the ServerApp and the ClientApps: types, record names, tensor transport.
+
+  query.setup   server -> node: config (+ the server's data fingerprint)
+                node -> server: partition-id, row counts, data fingerprint
+  train.global  server -> node: config, round, `shared` (the global shared components)
+                node -> server: `update` (the trained shared components ONLY), `metrics`
+  train.local   server -> node: config, round, `shared` (the new global shared components), flags
+                `local` (run the local phase) and `evaluate` (evaluate the local model)
+                node -> server: `metrics` (losses, local evaluation) and nothing else
+
+Personal components are kept in the node's `Context.state` under PERSONAL and appear in no message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from flwr.app import ArrayRecord
+
+if TYPE_CHECKING:
+    import torch
+
+SETUP = "query.setup"
+GLOBAL = "train.global"
+LOCAL = "train.local"
+
+CONFIG = "fedlora"  # ConfigRecord: config (YAML text), round, flags
+SHARED = "shared"  # ArrayRecord: server -> client
+UPDATE = "update"  # ArrayRecord: client -> server
+METRICS = "metrics"  # MetricRecord: client -> server
+INFO = "info"  # ConfigRecord: setup reply
+PERSONAL = "fedlora.personal"  # ArrayRecord in Context.state, never sent
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Tensors -> ArrayRecord (bfloat16, which numpy lacks, travels as float32)."""
+    import torch
+
+    if not state:
+        return ArrayRecord()
+    return ArrayRecord({k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().contiguous()
+                        for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> tensors on the device of `like` (and back to bfloat16 where `like` is bfloat16)."""
+    import torch
+
+    out = {}
+    for k, v in record.to_torch_state_dict().items():
+        ref = like.get(k)
+        if ref is not None:
+            back = ref.dtype == torch.bfloat16 and v.dtype == torch.float32
+            v = v.to(device=ref.device, dtype=ref.dtype if back else v.dtype)
+        out[k] = v
+    return out
