@@ -58,6 +58,7 @@ class AdapterModel:
         self.params: dict[str, torch.nn.Parameter] = {
             n: p for n, p in self.model.named_parameters() if _is_adapter_param(n)
         }
+        self.components: dict[str, str] = {n: component_of(n) for n in self.params}
         for p in self.params.values():
             p.requires_grad_(False)
         self.init_state: State = self.state()
@@ -99,7 +100,7 @@ class AdapterModel:
         wanted = set(components)
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for n, p in self.params.items():
-            comp = component_of(n)
+            comp = self.components[n]
             p.requires_grad_(comp in wanted)
             if comp in wanted:
                 groups.setdefault(comp, []).append(p)
