@@ -186,7 +186,16 @@ def test_checkpoint_schedule():
     assert [r for r in range(1, 4) if is_due(r, 3, 1)] == [1, 2, 3]
 
 
-def test_simulation_state_roundtrip_continues_identically(tok):
+@pytest.fixture
+def one_thread():
+    """The tiny model runs far faster on one thread when the machine's cores are busy; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_simulation_state_roundtrip_continues_identically(tok, one_thread):
     """In process: run 1 round, save, build a fresh simulator, load, run round 2 == uninterrupted round 2."""
     from tiny import tiny_model
 
@@ -263,6 +272,16 @@ def test_poisoned_updates_are_rejected_and_named(caplog):
         assert torch.equal(server.global_state[k], reference.global_state[k])
 
 
+def test_a_diverged_client_is_rejected_with_its_reason():
+    method = build_method("fedit", MethodConfig())
+    init = {KEY_A: torch.zeros(2, 3), KEY_B: torch.zeros(3, 2)}
+    server = Server(method, init, FedAvg(), {})
+    report = server.aggregate([ClientUpdate(0, _honest(0), 4),
+                               ClientUpdate(1, {}, 2, {"train_loss": float("nan"), "diverged": True})])
+    assert report.accepted == [0] and "diverged" in report.rejected[1]
+    assert torch.equal(server.global_state[KEY_A], _honest(0)[KEY_A])
+
+
 def test_median_shrugs_off_a_scaled_update_without_screening():
     method = build_method("fedit", MethodConfig())
     init = {KEY_A: torch.zeros(2, 3), KEY_B: torch.zeros(3, 2)}
@@ -275,7 +294,7 @@ def test_median_shrugs_off_a_scaled_update_without_screening():
     assert torch.allclose(server.global_state[KEY_B], torch.full((3, 2), -2.5))
 
 
-def test_simulation_logs_poisoned_clients_by_name(tok, base):
+def test_simulation_logs_poisoned_clients_by_name(tok, base, one_thread):
     """The in-process runtime: client 1 sends NaN, client 2 a x1000 update, client 3 a wrong shape."""
     cfg = small_cfg("method=fedit", "clients=5", "rounds=1", "max_norm_ratio=10", "eval.every=5",
                     "max_gen_examples=0")

@@ -129,10 +129,10 @@ class CheckpointStore:
         os.replace(tmp, final)
         _fsync_dir(self.dir)
         fault_point("checkpoint-committed", rnd)
-        self._prune()
+        self.prune()
         return final
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         """Keep the newest `keep` checkpoints; remove temporary leftovers of earlier crashes."""
         for p in self._committed()[self.keep:]:
             shutil.rmtree(p, ignore_errors=True)

@@ -147,6 +147,7 @@ def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partiti
                         from None
                 console.print(f"resuming after round {resume.round} of {cfg.federation.rounds} "
                               f"(checkpoint {resume.path.relative_to(out_dir)})")
+                store.prune()  # leftovers of the crash: torn temporary checkpoints, a checkpoint too many
             res.atomic_write(out_dir / "config.yaml", config_yaml)
             res.atomic_write(metrics_path, "".join(lines))
 

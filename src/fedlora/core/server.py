@@ -35,6 +35,8 @@ class RoundReport:
 
 def check_update(update: ClientUpdate, expected: Mapping[str, torch.Tensor]) -> str | None:
     """Why an update cannot be aggregated, or None if it is well-formed."""
+    if update.metrics.get("diverged"):
+        return "training diverged (the loss became NaN or Inf); the client sent no update"
     keys, want = set(update.state), set(expected)
     if keys != want:
         missing, extra = sorted(want - keys), sorted(keys - want)
