@@ -27,7 +27,7 @@ class AdapterModel:
     """A PEFT-wrapped base model for one adapter kind (`lora`, `magdir`, `dora`, `dual`)."""
 
     def __init__(self, base_model, kind: str, lora_cfg, *, norm_axis_a="rows", norm_axis_b="rows",
-                 b_mag_init: float = 0.0, seed: int = 0, base_name: str = ""):
+                 b_mag_init: float = 0.0, b_dir_init_norm: float = 1.0, seed: int = 0, base_name: str = ""):
         if kind not in ADAPTER_COMPONENTS:
             raise ValueError(f"unknown adapter kind {kind!r}")
         self.kind = kind
@@ -54,7 +54,7 @@ class AdapterModel:
                 self.model.add_adapter(LOCAL_ADAPTER, self.peft_config)
                 self.model.base_model.set_adapter(["default", LOCAL_ADAPTER])
             if kind == "magdir":
-                self._decompose(b_mag_init)
+                self._decompose(b_mag_init, b_dir_init_norm)
         self.params: dict[str, torch.nn.Parameter] = {
             n: p for n, p in self.model.named_parameters() if _is_adapter_param(n)
         }
@@ -69,8 +69,13 @@ class AdapterModel:
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
                 yield name, module
 
-    def _decompose(self, b_mag_init: float) -> None:
-        """A = diag(A_M)·A_D from PEFT's init; B = diag(B_M)·B_D with random unit B_D and B_M = b_mag_init."""
+    def _decompose(self, b_mag_init: float, b_dir_init_norm: float = 1.0) -> None:
+        """A = diag(A_M)·A_D from PEFT's init; B = diag(B_M)·B_D with random B_D and B_M = b_mag_init.
+
+        The forward pass normalizes B_D, so its stored norm (`b_dir_init_norm`) changes nothing in the
+        model, only how fast Adam can turn it: a small norm lets the first gradients set B's direction,
+        as they do for plain LoRA's zero-initialized B.
+        """
         for _, layer in self._lora_layers():
             a_lin, b_lin = layer.lora_A["default"], layer.lora_B["default"]
             parametrize.register_parametrization(a_lin, "weight", MagnitudeDirection(self.axes["A.dir"]))
@@ -79,7 +84,7 @@ class AdapterModel:
                 a = a_lin.parametrizations.weight
                 a.original0.copy_(unit(a.original0, self.axes["A.dir"]))
                 b = b_lin.parametrizations.weight
-                b.original0.copy_(unit(torch.randn_like(b.original0), self.axes["B.dir"]))
+                b.original0.copy_(unit(torch.randn_like(b.original0), self.axes["B.dir"]) * b_dir_init_norm)
                 b.original1.fill_(b_mag_init)
 
     # ------------------------------------------------------------------ state swapping

@@ -128,11 +128,20 @@ class MethodConfig:
     personal_mode: Literal["persist", "reset", "offset"] = "persist"
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Per-component learning-rate multipliers, e.g. {"A.mag": 10, "B.mag": 10}."""
+    lr_match: bool = True
+    """Default multipliers that make magnitude/direction factors learn as fast as plain LoRA factors
+    (A.dir x sqrt(3), B.mag x sqrt(r)); see docs/methods.md."""
     freeze_a_mag: bool = False
     local_train_b_dir: bool = False
     share_b_mag: bool = False
     """Also keep a global B.mag (trained in the global phase and aggregated) besides the personal one."""
     b_mag_init: float = 0.0
+    b_dir_init_norm: float = 1.0
+    """Stored norm of B's initial random direction rows (the forward pass normalizes them; a small value lets
+    the first gradients set B's direction, like plain LoRA's zero-initialized B)."""
+    direction_scale: Literal["unit", "keep"] = "unit"
+    """After aggregation, direction rows get unit norm (`unit`) or the clients' mean stored norm (`keep`):
+    the model is the same either way; `keep` preserves how fast the optimizer can turn a direction."""
     prox_mu: float = 0.01
 
 

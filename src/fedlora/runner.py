@@ -156,7 +156,7 @@ def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partiti
                 lines.append(line)
                 with open(metrics_path, "a") as f:
                     f.write(line)
-                console.print(round_line(rec))
+                console.print(round_line(rec), soft_wrap=True)
                 if is_due(rec.round, cfg.federation.rounds, cfg.output.checkpoint_every):
                     store.save(rec.round, sim.state_dict(), lines, config_yaml, data.fingerprint,
                                elapsed_before + time.perf_counter() - t0)

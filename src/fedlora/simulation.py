@@ -124,16 +124,18 @@ class Simulation:
     def __post_init__(self) -> None:
         cfg = self.cfg
         mo = cfg.method_options
-        self.method = build_method(cfg.method, mo)
+        self.method = build_method(cfg.method, mo, rank=cfg.lora.r)
         self.am = AdapterModel(self.base_model, self.method.adapter, cfg.lora, norm_axis_a=mo.norm_axis_a,
-                               norm_axis_b=mo.norm_axis_b, b_mag_init=mo.b_mag_init, seed=cfg.seed,
+                               norm_axis_b=mo.norm_axis_b, b_mag_init=mo.b_mag_init,
+                               b_dir_init_norm=mo.b_dir_init_norm, seed=cfg.seed,
                                base_name=cfg.model.name)
         self.fmt = PromptFormatter(self.tokenizer, cfg.data.template, cfg.data.max_length)
         rows = [[self.fmt.encode(e) for e in c.train] for c in self.data.clients]
         self.train_rows = [sum(rows, [])] if self.method.pooled else rows
         self.client = FedClient(self.am, self.method, cfg, self.tokenizer.pad_token_id)
         self.server = Server(self.method, self.am.init_state, build_server_optimizer(cfg.federation), self.am.axes,
-                             RobustOptions.from_config(cfg.federation))
+                             RobustOptions.from_config(cfg.federation),
+                             keep_direction_scale=mo.direction_scale == "keep")
         self.personal: dict[int, State] = {}
         self.evaluator = Evaluator(self.am, self.fmt, self.data, cfg)
         self.history: list[RoundRecord] = []

@@ -17,8 +17,8 @@ import torch
 
 from . import robust
 from .aggregate import ClientUpdate, direction_aware_mean, renormalize_directions
-from .components import State, clone, select
-from .magdir import Axis
+from .components import State, clone, component_of, is_direction, select
+from .magdir import Axis, vector_norms
 from .methods import Method
 
 log = logging.getLogger("fedlora.server")
@@ -63,8 +63,9 @@ class Server:
     """Holds the global adapter state and turns a round's uploads into the next global state."""
 
     def __init__(self, method: Method, init_state: State, optimizer, direction_axes: Mapping[str, Axis],
-                 robust_options: robust.RobustOptions | None = None):
+                 robust_options: robust.RobustOptions | None = None, keep_direction_scale: bool = False):
         self.method = method
+        self.keep_direction_scale = keep_direction_scale
         self.global_state: State = clone(init_state)
         self.optimizer = optimizer
         self.axes = dict(direction_axes)
@@ -113,8 +114,27 @@ class Server:
             mean = robust.apply_delta(expected, robust.combine(ds, weights, self.robust), self.axes)
         delta = {k: mean[k] - expected[k] for k in expected}
         stepped = renormalize_directions(self.optimizer.step(expected, delta), self.axes)
+        if self.keep_direction_scale:
+            stepped = self._rescale_directions(stepped, good, weights)
         self.global_state.update({k: v.to(expected[k].dtype) for k, v in stepped.items()})
         return report
+
+    def _rescale_directions(self, state: State, good: Sequence[ClientUpdate], weights: Sequence[float]) -> State:
+        """Give each aggregated unit direction the clients' mean stored norm.
+
+        The forward pass normalizes directions, so this changes nothing the model computes; it keeps the
+        optimizer's step size relative to the direction (how fast Adam turns it) what it was on the clients.
+        """
+        total = float(sum(weights))
+        out = dict(state)
+        for k, v in state.items():
+            comp = component_of(k)
+            if not is_direction(comp):
+                continue
+            axis = self.axes[comp]
+            norms = sum(w / total * vector_norms(u.state[k].float(), axis) for u, w in zip(good, weights))
+            out[k] = v * (norms.unsqueeze(1) if axis == "rows" else norms.unsqueeze(0)).to(v.dtype)
+        return out
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
