@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,9 +51,16 @@ output: {{plots: false}}
 # ----------------------------------------------------------------------------- kill -9 and resume (real CLI)
 
 
+def _snapshot_source(dest: Path) -> Path:
+    """A copy of the package for the test's processes: all of them run the same code even if someone edits
+    src/ while the test runs (processes started seconds apart would otherwise import different versions)."""
+    shutil.copytree(REPO / "src" / "fedlora", dest / "fedlora", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def _cli(cwd: Path, *args: str, fault: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+           "MKL_NUM_THREADS": "1", "PYTHONPATH": str(cwd / "src")}
     env.pop("FEDLORA_FAULT", None)
     if fault:
         env["FEDLORA_FAULT"] = fault
@@ -66,6 +74,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def test_kill9_at_three_points_then_resume_is_bit_identical(tmp_path, capsys):
+    _snapshot_source(tmp_path / "src")
     model = save_tiny_model(tmp_path / "model")
     data = write_data(tmp_path / "data.jsonl")
     cfg = tmp_path / "run.yaml"
