@@ -465,6 +465,7 @@ def validate(cfg: Config) -> None:
     if cfg.eval.split == "validation" and cfg.data.validation_fraction <= 0:
         raise ConfigError("eval.split: 'validation' needs data.validation_fraction > 0")
     _positive("method_options.prox_mu", cfg.method_options.prox_mu, allow_zero=True)
+    _positive("method_options.b_dir_init_norm", cfg.method_options.b_dir_init_norm)
     from .core.components import ALL_COMPONENTS
 
     for comp, mult in cfg.method_options.lr_mult.items():
