@@ -11,7 +11,7 @@ SPECIALS = ["<pad>", "<eos>"]
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for b in pre_tokenizers.ByteLevel.alphabet():
+    for b in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(b, len(vocab))
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
