@@ -68,9 +68,16 @@ def test_fedlora_opt_invariants(tok, base):
     key = next(iter(p[0]))
     assert component_of(key) == "B.mag"
     assert not torch.equal(p[0][key], p[1][key])
-    # aggregated direction rows have unit norm
+    # aggregated direction rows: the weighted mean of the clients' unit directions, re-normalized, with the
+    # clients' mean stored norm (direction_scale=keep, the default); unit norm with direction_scale=unit
+    from fedlora.core.magdir import unit
+
     for k, v in select(sim.server.global_state, {"A.dir", "B.dir"}).items():
-        assert torch.allclose(vector_norms(v, "rows"), torch.ones(v.shape[0]), atol=1e-5)
+        w = [u.num_examples for u in ups]
+        mean_dir = unit(sum(wi * unit(u.state[k], "rows") for wi, u in zip(w, ups)), "rows")
+        mean_norm = sum(wi * vector_norms(u.state[k], "rows") for wi, u in zip(w, ups)) / sum(w)
+        assert torch.allclose(unit(v, "rows"), mean_dir, atol=1e-5)
+        assert torch.allclose(vector_norms(v, "rows"), mean_norm, atol=1e-5)
     # persists across rounds: round 2 starts from the kept value, and the local phase changes only B.mag
     before = {c: {k: v.clone() for k, v in p[c].items()} for c in p}
     shared = sim.server.shared_state()
@@ -85,6 +92,13 @@ def test_fedlora_opt_invariants(tok, base):
     sim.run(start_round=2)
     for c in range(3):
         assert not torch.equal(sim.personal[c][key], before[c][key])  # kept and trained further
+
+
+def test_unit_direction_scale_gives_unit_rows(tok, base):
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "direction_scale=unit")
+    sim.run()
+    for k, v in select(sim.server.global_state, {"A.dir", "B.dir"}).items():
+        assert torch.allclose(vector_norms(v, "rows"), torch.ones(v.shape[0]), atol=1e-5)
 
 
 def test_fedlora_opt_is_zero_delta_at_init_and_roundtrips(tok, base):

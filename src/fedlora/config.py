@@ -136,10 +136,10 @@ class MethodConfig:
     share_b_mag: bool = False
     """Also keep a global B.mag (trained in the global phase and aggregated) besides the personal one."""
     b_mag_init: float = 0.0
-    b_dir_init_norm: float = 1.0
+    b_dir_init_norm: float = 1e-3
     """Stored norm of B's initial random direction rows (the forward pass normalizes them; a small value lets
     the first gradients set B's direction, like plain LoRA's zero-initialized B)."""
-    direction_scale: Literal["unit", "keep"] = "unit"
+    direction_scale: Literal["unit", "keep"] = "keep"
     """After aggregation, direction rows get unit norm (`unit`) or the clients' mean stored norm (`keep`):
     the model is the same either way; `keep` preserves how fast the optimizer can turn a direction."""
     prox_mu: float = 0.01
