@@ -193,3 +193,4 @@ def test_run_on_the_ni_config_reports_unseen_tasks(tiny_dir, tmp_path, capsys):
     assert set(last["unseen"]["per_label"]) == official_test_tasks()
     assert not set(last["unseen"]["per_label"]) & set(last["global"]["per_label"])
     assert result["summary"]["unseen_loss"] is not None
+    assert "unseen-task ROUGE-L" in (out / "results.md").read_text()

@@ -71,6 +71,9 @@ def results_table(rows: list[dict]) -> str:
     """Markdown table; each row: method, global/local loss and ROUGE-L (mean ± std where several seeds)."""
     head = ("| method | seeds | global loss | global ROUGE-L | local loss | local ROUGE-L | "
             "up B/client-round | down B/client-round | trainable | communicated | wall s |")
+    unseen = any(r.get("unseen_loss") is not None for r in rows)  # Natural Instructions: unseen tasks
+    if unseen:
+        head = head.replace(" local loss |", " unseen-task loss | unseen-task ROUGE-L | local loss |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         def ms(key):
@@ -80,6 +83,7 @@ def results_table(rows: list[dict]) -> str:
             return f"{m:.4f} ± {s:.4f}" if s is not None and r.get("seeds", 1) > 1 else f"{m:.4f}"
         lines.append(
             f"| {r['method']} | {r.get('seeds', 1)} | {ms('global_loss')} | {ms('global_rouge_l')} | "
+            + (f"{ms('unseen_loss')} | {ms('unseen_rouge_l')} | " if unseen else "") +
             f"{ms('local_loss')} | {ms('local_rouge_l')} | {r.get('bytes_up', 0):,.0f} | "
             f"{r.get('bytes_down', 0):,.0f} | {r.get('trainable', 0):,} | {r.get('communicated', 0):,} | "
             f"{r.get('wall_time', 0):.1f} |"

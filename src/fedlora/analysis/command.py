@@ -93,6 +93,10 @@ def cmd_sensitivity(args: argparse.Namespace, console: Console) -> int:
 
         def on_step(step: int, loss: float) -> None:
             progress.update(bar["task"], advance=1, loss=f"{loss:.3f}")
+            if step % args.every == 0 and step < args.steps:  # a line per snapshot, also in logs
+                group = progress.tasks[-1].description
+                console.print(f"  {group}: step {step}/{args.steps}, loss {loss:.3f}, "
+                              f"{progress.tasks[-1].elapsed or 0:.0f}s")
 
         def on_done(run) -> None:
             progress.remove_task(bar["task"])
