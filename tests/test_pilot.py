@@ -93,7 +93,7 @@ def test_analyze_sensitivity_end_to_end(tiny_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "A:B dir" in captured.out and "all groups" in captured.out
-    for name in ("summary.md", "summary.json", "records.json", "sensitivity_all_groups.md",
+    for name in ("summary.md", "summary.json", "records.json", "sensitivity_all_groups.md", "snapshots_closed_qa.pt",
                  "sensitivity_closed_qa.md", "sensitivity_brainstorming.md"):
         assert (out / name).is_file(), name
     pngs = sorted(p.name for p in out.glob("*.png"))

@@ -59,6 +59,8 @@ def cmd_sensitivity(args: argparse.Namespace, console: Console) -> int:
     from ..config import load_config
     from ..model import load_base_model, load_tokenizer, pick_device, pick_dtype
     from .pilot import load_group_examples, parse_groups, run_pilot, write_pilot_report
+    from .sensitivity import _slug as slug
+    from .sensitivity import measure_snapshots, write_report
 
     if args.steps < 1:
         raise UserError(f"--steps: must be at least 1 (got {args.steps})")
@@ -102,10 +104,13 @@ def cmd_sensitivity(args: argparse.Namespace, console: Console) -> int:
             progress.remove_task(bar["task"])
             console.print(f"{run.group}: {len(run.losses)} steps on {run.rows} rows, loss {run.losses[0]:.3f} -> "
                           f"{run.losses[-1]:.3f}, {len(run.snapshots)} snapshots, {run.seconds:.0f}s")
+            # written at once, so that a run stopped later keeps the groups already done
+            torch.save({"group": run.group, "snapshots": run.snapshots, "losses": run.losses},
+                       out / f"snapshots_{slug(run.group)}.pt")
+            write_report(measure_snapshots(run.snapshots, group=run.group), out, run.group)
 
-        runs, _ = run_pilot(cfg, tokenizer, base_model, group_examples,
-                                             steps=args.steps, every=args.every,
-                                             on_start=on_start, on_step=on_step, on_done=on_done)
+        runs, _ = run_pilot(cfg, tokenizer, base_model, group_examples, steps=args.steps, every=args.every,
+                            on_start=on_start, on_step=on_step, on_done=on_done)
 
     summary, paths = write_pilot_report(runs, out, command=_command_line(args))
     print()
@@ -120,6 +125,8 @@ def cmd_sensitivity(args: argparse.Namespace, console: Console) -> int:
                     v["delta_magnitude_A"], v["delta_magnitude_B"], v["b_mag_over_a_mag"])
             print(f"{g:<{width}}  {axis:<4} " + "".join(f"{_f(x):>10}" for x in vals))
     print()
+    n_png = sum(p.suffix == ".png" for p in paths)
     console.print(f"written to {out}/: summary.md, summary.json, records.json, sensitivity_all_groups.md, and per "
-                  f"group sensitivity_<group>.md with plots ({sum(p.suffix == '.png' for p in paths)} PNG files)")
+                  f"group sensitivity_<group>.md, snapshots_<group>.pt (A and B at each snapshot) and {n_png} "
+                  f"PNG plots")
     return 0
