@@ -56,16 +56,16 @@ def response_loss(am: AdapterModel, batch: Mapping[str, torch.Tensor]) -> tuple[
     return loss, int(keep.sum())
 
 
-def _response_index(items: Sequence[Encoded], width: int) -> list[int]:
+def _response_index(items: Sequence[Encoded], width: int) -> np.ndarray:
     """Flat positions (row * width + t) whose NEXT token is a response token, computed on the host from the labels.
 
     The same positions, in the same order, as `response_loss`'s boolean mask, without a device-to-host sync.
     """
-    index = []
+    labels = np.full((len(items), width), IGNORE, dtype=np.int64)
     for i, it in enumerate(items):
-        labels = it.labels
-        index.extend(i * width + t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE)
-    return index
+        labels[i, :len(it.labels)] = it.labels
+    rows, cols = np.nonzero(labels[:, 1:] != IGNORE)
+    return rows * width + cols
 
 
 def _response_loss_at(am: AdapterModel, batch: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ def train_phase(am: AdapterModel, batches: list[list[list[Encoded]]], trainable:
         losses = []
         for mb, ix in zip(micro_batches, indices):
             b = collate(mb, pad_id, am.device)
-            loss_sum = _response_loss_at(am, b, torch.tensor(ix, dtype=torch.long).to(am.device, non_blocking=True))
+            loss_sum = _response_loss_at(am, b, torch.from_numpy(ix).to(am.device, non_blocking=True))
             (loss_sum / step_tokens).backward()
             losses.append(loss_sum.detach())
         step_loss = sum(float(x) for x in losses)  # the step's one sync (divergence check below)
