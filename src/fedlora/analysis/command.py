@@ -58,7 +58,7 @@ def cmd_sensitivity(args: argparse.Namespace, console: Console) -> int:
     from .. import results as res
     from ..config import load_config
     from ..model import load_base_model, load_tokenizer, pick_device, pick_dtype
-    from .pilot import load_group_examples, parse_groups, run_pilot, write_pilot_report
+    from .pilot import LOSS_WINDOW, load_group_examples, parse_groups, run_pilot, write_pilot_report
     from .sensitivity import _slug as slug
     from .sensitivity import measure_snapshots, write_report
 
@@ -102,8 +102,10 @@ def cmd_sensitivity(args: argparse.Namespace, console: Console) -> int:
 
         def on_done(run) -> None:
             progress.remove_task(bar["task"])
-            console.print(f"{run.group}: {len(run.losses)} steps on {run.rows} rows, loss {run.losses[0]:.3f} -> "
-                          f"{run.losses[-1]:.3f}, {len(run.snapshots)} snapshots, {run.seconds:.0f}s")
+            first, last = run.losses[:LOSS_WINDOW], run.losses[-LOSS_WINDOW:]
+            console.print(f"{run.group}: {len(run.losses)} steps on {run.rows} rows, loss (mean of {LOSS_WINDOW} steps) "
+                          f"{sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f}, "
+                          f"{len(run.snapshots)} snapshots, {run.seconds:.0f}s")
             # written at once, so that a run stopped later keeps the groups already done
             torch.save({"group": run.group, "snapshots": run.snapshots, "losses": run.losses},
                        out / f"snapshots_{slug(run.group)}.pt")

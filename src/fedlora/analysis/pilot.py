@@ -28,6 +28,7 @@ from ..training import collate, phase_rng, response_loss, sample_batches
 from .sensitivity import AXES, MEASURE, PAPER_RATIOS, measure_snapshots, summarize, write_report
 
 DEFAULT_NUM_GROUPS = 4
+LOSS_WINDOW = 5  # the summary's training loss: mean over the first and over the last 5 steps
 
 Snapshot = tuple[int, dict[str, torch.Tensor]]
 
@@ -222,8 +223,8 @@ def pilot_summary(runs: list[GroupRun], records: list[dict]) -> dict:
         per_group[run.group] = {
             "step": s["step"],
             "rows": run.rows,
-            "loss_first": run.losses[0] if run.losses else None,
-            "loss_last": run.losses[-1] if run.losses else None,
+            "loss_first": _mean(run.losses[:LOSS_WINDOW]),
+            "loss_last": _mean(run.losses[-LOSS_WINDOW:]),
             "seconds": run.seconds,
             "axes": {axis: {**v, "a_dir_over_b_dir_same_interval": same.get(axis, math.nan)}
                      for axis, v in s["axes"].items()},
@@ -241,6 +242,10 @@ def pilot_summary(runs: list[GroupRun], records: list[dict]) -> dict:
         mean["a_dir_over_b_dir_same_interval_mean"] = sum(same) / len(same) if same else math.nan
         overall[axis] = mean
     return {"measure": MEASURE, "paper": dict(PAPER_RATIOS), "groups": per_group, "overall": overall}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def _ratio(a: float, b: float) -> float:
@@ -283,7 +288,8 @@ def summary_markdown(summary: dict, command: str = "") -> str:
                 f"| {_f(v['delta_magnitude_A'])} | {_f(v['delta_magnitude_B'])} | {_f(v['b_mag_over_a_mag'])} "
                 f"| {_f(v['relative_delta_magnitude_A'])} | {_f(v['relative_delta_magnitude_B'])} |"
             )
-    lines += ["", "## Training", "", "| task group | steps | rows used | loss, first step | loss, last step | seconds |",
+    lines += ["", "## Training", "", f"| task group | steps | rows used | loss, first {LOSS_WINDOW} steps "
+              f"| loss, last {LOSS_WINDOW} steps | seconds |",
               "|---|---|---|---|---|---|"]
     for g, v in summary["groups"].items():
         lines.append(f"| {g} | {v['step']} | {v['rows']} | {_f(v['loss_first'])} | {_f(v['loss_last'])} "
