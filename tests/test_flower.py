@@ -162,7 +162,8 @@ def federation(assets, tmp_path_factory):
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false",
                PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
-               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")  # SuperExecs look for new work every 0.2 s (default 1 s)
+               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",  # SuperExecs look for new work every 0.2 s (default 1 s)
+               FEDLORA_FAULT=f"@{d / 'fault'}")  # a test writes e.g. checkpoint@2 there to kill the ServerApp
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     procs = Processes(d, env)
@@ -199,19 +200,28 @@ class Federation:
         self.dir, self.procs, self.env = d, procs, env
         self.runs = 0
 
-    def run(self, run_config: dict, timeout: float = 240, during=None) -> Path:
-        """`flwr run <repo> test --stream --run-config ...`; returns the run directory when the run has finished."""
+    def run(self, run_config: dict, timeout: float = 240, during=None, out: Path | None = None) -> Path:
+        """`flwr run <repo> test --stream --run-config ...`; returns the run directory when the run has finished.
+
+        `during(out)` is called while it runs until it returns True; if it returns "stop", the `flwr run`
+        process is stopped and the run directory returned as it is (the run did not finish).
+        """
         self.runs += 1
         name = f"run{self.runs}"
-        out = self.dir / name
+        out = out or self.dir / name
         rc = " ".join(f"{k}={json.dumps(v)}" for k, v in {**run_config, "out": str(out)}.items())
         p = self.procs.start(name, [str(VENV_BIN / "flwr"), "run", str(REPO), "test", "--stream",
                                     "--run-config", rc], cwd=self.dir)
         deadline = time.monotonic() + timeout
         while p.poll() is None and time.monotonic() < deadline:
             self.procs.snapshot()
-            if during is not None and during(out):
-                during = None
+            if during is not None:
+                said = during(out)
+                if said == "stop":
+                    self.procs.kill(name)
+                    return out
+                if said:
+                    during = None
             time.sleep(0.25)
         if p.poll() is None:
             raise TimeoutError(f"the run did not finish in {timeout}s:\n{self.procs.log(name)[-4000:]}")
@@ -261,6 +271,10 @@ def test_settings_reject_bad_input_with_one_clear_line():
     with pytest.raises(ConfigError, match="'set': cannot split"):
         RunSettings(set="rounds='2").overrides()
     assert RunSettings(set="rounds=2 'data.path=/a b.jsonl'").overrides() == ["rounds=2", "data.path=/a b.jsonl"]
+    with pytest.raises(ConfigError, match="'resume' and 'overwrite' contradict"):
+        RunSettings.from_run_config({"resume": True, "overwrite": "true"})
+    with pytest.raises(ConfigError, match="'force' only applies with 'resume=true'"):
+        RunSettings.from_run_config({"force": True})
     with pytest.raises(ConfigError, match="'partition-id' is missing"):
         NodeSettings.from_node_config({"num-partitions": 3})
     with pytest.raises(ConfigError, match="unknown key 'data_path'.*did you mean 'data-path'"):
@@ -281,6 +295,26 @@ def test_simulate_command_bad_config_is_one_line(capsys):
     assert main(["flower", "simulate", "--set", "rounds=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: federation.rounds: 0 must be > 0"]
+
+
+def test_resume_refusals_across_runtimes_are_one_line(capsys, tmp_path):
+    """A missing run dir for `flower simulate --resume`; a Flower checkpoint given to `fedlora run --resume`."""
+    from fedlora.checkpoint import CheckpointStore
+    from fedlora.cli import main
+
+    assert main(["flower", "simulate", "--resume", "--out", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: --resume: {tmp_path / 'nowhere'} does not exist"]
+
+    run = tmp_path / "flower-run"
+    run.mkdir()
+    cfg_yaml = dump_config(load_config(None, []))
+    (run / "config.yaml").write_text(cfg_yaml)
+    CheckpointStore(run).save(1, {"runtime": "flower", "server": {}}, [], cfg_yaml, "fp", 0.0)
+    before = sorted(str(p) for p in run.rglob("*"))
+    assert main(["run", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was written by the Flower ServerApp; resume it there" in err[0]
+    assert sorted(str(p) for p in run.rglob("*")) == before
 
 
 def test_transport_keeps_values_and_dtypes():
@@ -403,6 +437,58 @@ def test_deployment_matches_simulator_and_keeps_personal_state_on_nodes(assets, 
     flower_wall = [m["wall_time"] for m in metrics]
     sim_rounds = [h.wall_time for h in sim.history]
     print(f"\nwall time per round: deployment {flower_wall} s, in-process {sim_rounds} s (tiny model, 3 clients)")
+
+
+def test_server_app_killed_mid_checkpoint_resumes_to_the_same_result(assets, reference, federation):
+    """SIGKILL the ServerApp while it writes round 2's checkpoint (a torn checkpoint); `resume=true` continues
+    from round 1's and ends with the uninterrupted run's global adapter, metrics and (restored on the nodes
+    from their export-dir) personal state."""
+    fault = federation.dir / "fault"
+    out = federation.dir / "resumed"
+    config = {"config": str(assets["config"]), "round-timeout": 120.0}
+
+    def died_in_checkpoint_2(out: Path):
+        torn = out / "checkpoints" / ".round-000002.tmp" / "config.yaml"
+        if not torn.is_file():
+            return False
+        time.sleep(1.0)  # the ServerApp kills itself right after writing that file
+        return "stop"
+
+    fault.write_text("checkpoint@2")
+    try:
+        federation.run(config, out=out, during=died_in_checkpoint_2)
+    finally:
+        fault.unlink()
+    assert not (out / "results.json").is_file()
+    assert (out / "checkpoints" / "round-000001" / "manifest.json").is_file()
+    assert not (out / "checkpoints" / "round-000002").exists()
+    assert (out / "checkpoints" / ".round-000002.tmp").is_dir()  # torn: never loaded
+
+    federation.run({**config, "resume": True}, out=out)
+    sim = reference
+    diff = max_diff(torch.load(out / "global_state.pt"), sim.server.global_state)
+    assert diff <= 1e-6, f"resumed global adapter differs from the simulator's by {diff}"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    for m, h in zip(metrics, sim.history):
+        assert m["train_loss"] == pytest.approx(h.train_loss, abs=1e-6)
+        assert m["local_phase_loss"] == pytest.approx(h.local_phase_loss, abs=1e-6)
+    flower_local = metrics[-1]["eval"]["local"]["per_client"]
+    assert [c["loss"] for c in flower_local] == pytest.approx(
+        [c["loss"] for c in sim.history[-1].eval["local"]["per_client"]], abs=1e-5)
+    for cid in range(NODES):
+        assert max_diff(torch.load(federation.dir / f"node{cid}" / "personal" / "round_2.pt"),
+                        sim.personal[cid]) <= 1e-6
+    log = federation.procs.log(f"run{federation.runs}")
+    assert "resuming after round 1" in log
+    assert json.loads((out / "results.json").read_text())["provenance"]["resumed"] is True
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-000001", "round-000002"]
+
+    # resuming with a different config is refused and changes nothing
+    before = (out / "metrics.jsonl").read_bytes()
+    federation.run({**config, "resume": True, "set": "rounds=3 local_steps=3"}, out=out)
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert "the config differs from the run's (" in federation.procs.log(f"run{federation.runs}")
 
 
 def test_killed_supernode_does_not_stop_the_run(assets, federation):

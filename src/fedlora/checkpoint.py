@@ -63,8 +63,15 @@ def fault_point(name: str, rnd: int) -> None:
     """Test hook: SIGKILL this very process when FEDLORA_FAULT names this point, e.g. `checkpoint@2` or `train@3`.
 
     Used by the crash-resume tests to die at exact places (a real kill -9: no cleanup, no atexit).
+    `FEDLORA_FAULT=@FILE` reads the point from FILE at each call, for a process (a Flower ServerApp)
+    whose environment was fixed before the test knew where it should die.
     """
     want = os.environ.get(FAULT_ENV)
+    if want and want.startswith("@"):  # `@FILE`: the point is read from FILE now (for processes started earlier)
+        try:
+            want = Path(want[1:]).read_text().strip()
+        except OSError:
+            return
     if want and want == f"{name}@{rnd}":
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -201,3 +208,82 @@ class CheckpointStore:
 def is_due(rnd: int, rounds: int, every: int) -> bool:
     """Checkpoint after this round? Every `every` rounds and always after the last (`every` 0: last only)."""
     return rnd == rounds or (every > 0 and rnd % every == 0)
+
+
+# ----------------------------------------------------------------------------- resuming a run directory
+
+
+def open_for_resume(run: Path, label: str) -> tuple[Checkpoint | None, dict[str, str], bool]:
+    """(newest complete checkpoint or None, {skipped checkpoint: why}, finished) of a run directory.
+
+    Raises CheckpointError (one line) when `run` is not a run directory, or has neither a complete
+    checkpoint nor a finished result. `label` names the option in messages (`--resume`, `run config resume`).
+    """
+    run = Path(run)
+    if not run.exists():
+        raise CheckpointError(f"{label}: {run} does not exist")
+    if not run.is_dir():
+        raise CheckpointError(f"{label}: {run} is not a directory")
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(f"{label}: {run} is not a run directory (it has no config.yaml)")
+    ckpt, skipped = CheckpointStore(run).latest()
+    finished = (run / "results.json").is_file()
+    if ckpt is None and not finished:
+        detail = ""
+        if skipped:
+            name, why = next(iter(skipped.items()))
+            detail = f"; {name}: {why}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
+        raise CheckpointError(f"{label}: {run} has no complete checkpoint to resume from{detail}")
+    return ckpt, skipped, finished
+
+
+def check_resume(run: Path, ckpt: Checkpoint | None, finished: bool, cfg, *, force: bool, label: str,
+                 force_hint: str) -> bool:
+    """Refuse (CheckpointError) a resume whose config differs from the checkpoint's, unless `force`.
+
+    Returns True when there is nothing to do (the run finished all of cfg's rounds).
+    """
+    import yaml
+
+    from .config import config_from_dict, load_config
+
+    if ckpt is not None:
+        try:
+            saved = config_from_dict(yaml.safe_load(ckpt.config_yaml))
+        except UserError as e:
+            raise CheckpointError(f"{label}: the config in {ckpt.path} is invalid: {e}") from None
+    else:
+        saved = load_config(Path(run) / "config.yaml")
+    diff = config_difference(saved.to_dict(), cfg.to_dict())
+    if diff and not force:
+        raise CheckpointError(f"{label}: the config differs from the run's ({diff}); {force_hint}")
+    if finished and (ckpt is None or ckpt.round >= cfg.federation.rounds):
+        return True
+    if ckpt is None:
+        raise CheckpointError(f"{label}: {run} has no complete checkpoint to resume from")
+    if ckpt.round > cfg.federation.rounds:
+        raise CheckpointError(f"{label}: the checkpoint is after round {ckpt.round}, beyond "
+                              f"federation.rounds={cfg.federation.rounds}")
+    return False
+
+
+def config_difference(old: dict, new: dict, prefix: str = "") -> str:
+    """The first differing field (and how many more) between two config dicts; '' when equal.
+
+    The `output` section is not compared: it says what is written, not what is computed.
+    """
+    diffs = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(a) + [k for k in b if k not in a]:
+                if path == "" and k == "output":
+                    continue
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            diffs.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(old, new, prefix)
+    if not diffs:
+        return ""
+    return diffs[0] + (f" and {len(diffs) - 1} more" if len(diffs) > 1 else "")

@@ -101,11 +101,9 @@ def cmd_run(args, console: Console) -> int:
 
 def cmd_resume(args, console: Console) -> int:
     """`fedlora run --resume RUN_DIR`: every check first, so a refused resume leaves RUN_DIR as it was."""
-    import yaml
-
     from . import results as res
-    from .checkpoint import CheckpointError, CheckpointStore
-    from .config import config_from_dict, load_config
+    from .checkpoint import CheckpointError, check_resume, open_for_resume
+    from .config import load_config
     from .runner import Session, check_lora_targets, run_experiment
 
     run = Path(args.resume)
@@ -113,41 +111,16 @@ def cmd_resume(args, console: Console) -> int:
         raise UserError("--resume continues in RUN_DIR itself; drop --out")
     if args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; use one or the other")
-    if not run.exists():
-        raise CheckpointError(f"--resume: {run} does not exist")
-    if not run.is_dir():
-        raise CheckpointError(f"--resume: {run} is not a directory")
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"--resume: {run} is not a run directory (it has no config.yaml)")
-    ckpt, skipped = CheckpointStore(run).latest()
-    finished = (run / "results.json").is_file()
-    if ckpt is None and not finished:
-        detail = ""
-        if skipped:
-            name, why = next(iter(skipped.items()))
-            detail = f"; {name}: {why}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
-        raise CheckpointError(f"--resume: {run} has no complete checkpoint to resume from{detail}")
+    ckpt, skipped, finished = open_for_resume(run, "--resume")
+    if ckpt is not None and ckpt.state.get("runtime") == "flower":
+        raise CheckpointError(f"--resume: {ckpt.path} was written by the Flower ServerApp; resume it there "
+                              f"(flwr run ... --run-config \"resume=true out='{run}'\", see docs/deployment.md)")
     cfg = load_config(args.config or run / "config.yaml", args.set)
     cfg.output.dir, cfg.output.overwrite = str(run), False
-    if ckpt is not None:
-        try:
-            saved = config_from_dict(yaml.safe_load(ckpt.config_yaml))
-        except UserError as e:
-            raise CheckpointError(f"--resume: the config in {ckpt.path} is invalid: {e}") from None
-    else:
-        saved = load_config(run / "config.yaml")
-    diff = config_difference(saved.to_dict(), cfg.to_dict())
-    if diff and not args.force:
-        raise CheckpointError(f"--resume: the config differs from the run's ({diff}); resume without "
-                              f"--config/--set, or pass --force to continue with the new config")
-    if finished and (ckpt is None or ckpt.round >= cfg.federation.rounds):
+    if check_resume(run, ckpt, finished, cfg, force=args.force, label="--resume",
+                    force_hint="resume without --config/--set, or pass --force to continue with the new config"):
         print(f"{run}: the run already finished ({cfg.federation.rounds} rounds); nothing to do")
         return 0
-    if ckpt is None:
-        raise CheckpointError(f"--resume: {run} has no complete checkpoint to resume from")
-    if ckpt.round > cfg.federation.rounds:
-        raise CheckpointError(f"--resume: the checkpoint is after round {ckpt.round}, beyond "
-                              f"federation.rounds={cfg.federation.rounds}")
     for name, why in skipped.items():
         console.print(f"[yellow]checkpoint {name} is incomplete ({why}); using {ckpt.path.name}")
     session = Session(cfg, console)
@@ -162,28 +135,6 @@ def cmd_resume(args, console: Console) -> int:
     print(res.results_table([row]))
     console.print(f"results written to {run}/")
     return 0
-
-
-def config_difference(old: dict, new: dict, prefix: str = "") -> str:
-    """The first differing field (and how many more) between two config dicts; '' when equal.
-
-    The `output` section is not compared: it says what is written, not what is computed.
-    """
-    diffs = []
-
-    def walk(a, b, path):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in list(a) + [k for k in b if k not in a]:
-                if path == "" and k == "output":
-                    continue
-                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        elif a != b:
-            diffs.append(f"{path}: {a!r} -> {b!r}")
-
-    walk(old, new, prefix)
-    if not diffs:
-        return ""
-    return diffs[0] + (f" and {len(diffs) - 1} more" if len(diffs) > 1 else "")
 
 
 def _aggregate_rows(rows: list[dict]) -> dict:

@@ -4,10 +4,17 @@ A node is the client `partition-id` of the config the server sends; it builds th
 data as the simulator and trains on that client's rows. Its personal components (e.g. B.mag of
 fedlora_opt) are kept in `Context.state`, persist across rounds on the node, and are never put in
 a reply: a global-phase reply holds only the method's shared components.
+
+With a node config export-dir, the node also writes its personal state after every round
+(export-dir/personal/round_<r>.pt, with export-dir/run.json naming the run's config). When the
+server resumes a run from a checkpoint of round R, a node that holds no personal state for this run
+reloads the newest of its own files up to round R, so personal state survives a restart of the
+ServerApp (and of the node) without ever leaving the node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -29,9 +36,50 @@ def _setup(msg: Message, context: Context):
     return node, cfg, client_workspace(cfg)
 
 
-def _personal(context: Context):
+def _config_id(cfg_yaml: str) -> str:
+    return hashlib.sha256(cfg_yaml.encode()).hexdigest()[:16]
+
+
+def _personal(context: Context, node: NodeSettings, msg: Message):
+    """This client's personal state: from the node's context, or after a resumed server, from export-dir."""
     rec = context.state.array_records.get(M.PERSONAL)
-    return dict(rec.to_torch_state_dict()) if rec is not None else None
+    if rec is not None:
+        return dict(rec.to_torch_state_dict())
+    conf = msg.content[M.CONFIG]
+    resumed = int(conf["resume-round"]) if "resume-round" in conf else 0
+    if resumed <= 0:
+        return None
+    restored = _restore_personal(node, resumed, _config_id(str(conf["config"])))
+    _keep_personal(context, restored)
+    return restored
+
+
+def _saved_config_id(export_dir) -> str | None:
+    try:
+        return json.loads((export_dir / "run.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _restore_personal(node: NodeSettings, resumed: int, config_id: str):
+    """The newest personal/round_<r>.pt with r <= resumed in export-dir, if it belongs to this run's config."""
+    import torch
+
+    where = f"client {node.partition_id}: the run resumed after round {resumed}"
+    d = node.export_dir
+    if d is None:
+        print(f"{where}, but this node has no export-dir; its personal state starts from the initial value")
+        return None
+    if _saved_config_id(d) != config_id:
+        print(f"{where}, but {d} holds no personal state of this run's config; it starts from the initial value")
+        return None
+    rounds = sorted((int(p.stem.split("_")[1]), p) for p in (d / "personal").glob("round_*.pt")
+                    if p.stem.split("_")[1].isdigit() and int(p.stem.split("_")[1]) <= resumed)
+    if not rounds:
+        return None  # never trained up to that round: the initial value is the right one
+    r, path = rounds[-1]
+    print(f"{where}; personal state reloaded from {path} (round {r})")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _keep_personal(context: Context, personal) -> None:
@@ -69,7 +117,7 @@ def train_global(msg: Message, context: Context) -> Message:
     rnd = int(msg.content[M.CONFIG]["round"])
     shared = M.from_record(msg.content[M.SHARED], sim.am.init_state)
     rows = sim.train_rows[cid]
-    res = sim.client.global_phase(cid, rnd, shared, _personal(context), rows,
+    res = sim.client.global_phase(cid, rnd, shared, _personal(context, node, msg), rows,
                                   steps=sim.client.steps_for(len(rows)))
     _keep_personal(context, res.personal)
     u = res.update
@@ -94,7 +142,7 @@ def train_local(msg: Message, context: Context) -> Message:
     conf = msg.content[M.CONFIG]
     rnd = int(conf["round"])
     shared = M.from_record(msg.content[M.SHARED], sim.am.init_state)
-    personal = _personal(context)
+    personal = _personal(context, node, msg)
     out: dict = {"partition-id": cid}
     if bool(conf["local"]) and sim.method.has_local_phase:
         personal, stats = sim.client.local_phase(cid, rnd, shared, personal, sim.train_rows[cid])
@@ -109,20 +157,26 @@ def train_local(msg: Message, context: Context) -> Message:
         if r.rouge_l is not None:
             out["eval-rouge-l"] = r.rouge_l
     if node.export_dir is not None:
-        _export(node, sim, rnd, cfg.federation.rounds, personal, local_state)
+        _export(node, sim, rnd, cfg.federation.rounds, personal, local_state, _config_id(str(conf["config"])))
     out["seconds"] = time.perf_counter() - t0
     return Message(RecordDict({M.METRICS: MetricRecord(out)}), reply_to=msg)
 
 
-def _export(node: NodeSettings, sim, rnd: int, rounds: int, personal, local_state) -> None:
+def _export(node: NodeSettings, sim, rnd: int, rounds: int, personal, local_state, config_id: str) -> None:
     """export-dir/personal/round_<r>.pt each round (the personal state); export-dir/adapter (PEFT) at the end."""
     import torch
 
+    from ..results import atomic_write
+
     d = node.export_dir
     d.mkdir(parents=True, exist_ok=True)
+    if _saved_config_id(d) != config_id:
+        atomic_write(d / "run.json", json.dumps({"config": config_id, "partition-id": node.partition_id}) + "\n")
     if personal:
         (d / "personal").mkdir(exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in personal.items()}, d / "personal" / f"round_{rnd}.pt")
+        tmp = d / "personal" / f".round_{rnd}.pt.tmp"
+        torch.save({k: v.detach().cpu() for k, v in personal.items()}, tmp)
+        tmp.replace(d / "personal" / f"round_{rnd}.pt")  # never a torn file under the final name
     if rnd == rounds:
         sim.am.export_peft(local_state, d / "adapter")
         (d / "client.json").write_text(json.dumps({"partition-id": node.partition_id, "round": rnd,

@@ -30,6 +30,10 @@ def register(subparsers) -> None:
                    help="override a config field, e.g. --set rounds=5 (repeatable)")
     p.add_argument("--out", "-o", help="run directory (default: output.dir from the config)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run directory (--out or output.dir) from the server's last checkpoint; "
+                        "virtual nodes keep no files, so personal components restart from their initial value")
+    p.add_argument("--force", action="store_true", help="with --resume: continue even if config or data differ")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per virtual client (default 1)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client (default 0; e.g. 0.5)")
     p.add_argument("--min-replies", type=int, default=1,
@@ -48,13 +52,24 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     settings = RunSettings.from_run_config({
         "config": str(Path(args.config).resolve()) if args.config else "",
         "set": shlex.join(args.set), "out": args.out or "", "overwrite": args.overwrite,
+        "resume": args.resume, "force": args.force,
         "min-replies": args.min_replies, "round-timeout": args.round_timeout,
     })
     cfg = settings.load()  # bad config or data: one line, before Ray starts
     from ..data.federated import build_federated_data, load_examples
 
     build_federated_data(cfg, *load_examples(cfg, warn=lambda m: console.print(f"[yellow]{m}")))
-    out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
+    if args.resume:  # the ServerApp checks again; here the refusals come before Ray starts
+        from ..checkpoint import check_resume, open_for_resume
+
+        out = Path(cfg.output.dir)
+        ckpt, _, finished = open_for_resume(out, "--resume")
+        if check_resume(out, ckpt, finished, cfg, force=args.force, label="--resume",
+                        force_hint="resume without --config/--set changes, or pass --force"):
+            console.print(f"{out}: the run already finished ({cfg.federation.rounds} rounds); nothing to do")
+            return 0
+    else:
+        out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
 
     import logging
 

@@ -11,6 +11,14 @@ Per round, in the simulator's order:
 A client that fails or has not answered within `round-timeout` is left out of that round (logged
 in the round's `failed`); the round aggregates what arrived if at least `min-replies` did.
 
+Every `output.checkpoint_every` rounds the server writes a checkpoint of what it holds (global state,
+server optimizer state, metrics so far, config, data fingerprint; `fedlora.checkpoint`). Run config
+`resume=true` continues from the last complete one. Client sampling and every client phase are seeded
+by (seed, round[, client, phase]), so there is no sampler state to save. Personal components live on the
+nodes: every message says from which round the run resumed, and a node that holds no personal state
+for this run reloads its own copy from its export-dir (see client_app); without an export-dir it
+starts that client's personal state from its initial value, and says so.
+
 Evaluation differs from the simulator in one point, by design: the server never sees personal
 components, so the global model it evaluates is the shared components plus the *initial* value
 of the personal ones (the simulator uses the clients' mean). For methods without personal
@@ -29,6 +37,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from .. import results as res
+from ..checkpoint import Checkpoint, CheckpointError, CheckpointStore, check_resume, is_due, open_for_resume
 from ..config import Config, dump_config
 from ..core import protocol
 from ..core.aggregate import ClientUpdate
@@ -52,7 +61,8 @@ def say(line: str) -> None:
 class FlowerRun:
     """One experiment on a Flower grid. Holds the server's workspace and the client -> node map."""
 
-    def __init__(self, grid: Grid, cfg: Config, settings: RunSettings, out_dir: Path):
+    def __init__(self, grid: Grid, cfg: Config, settings: RunSettings, out_dir: Path,
+                 resume: Checkpoint | None = None):
         if build_method(cfg.method, cfg.method_options, rank=cfg.lora.r).pooled:
             raise ConfigError("method: 'centralized' pools all data in one place and has no federated deployment; "
                               "run it with `fedlora run`")
@@ -65,11 +75,33 @@ class FlowerRun:
         self.queried: set[int] = set()
         self.spares: dict[int, int] = {}  # node id -> client id, for a second node of a client (e.g. a restart)
         self.config_yaml = dump_config(cfg)
+        self.store = CheckpointStore(out_dir)
+        self.resume = resume
+        self.resume_round = resume.round if resume else 0
+        if resume is not None:
+            self._restore(resume)
         self.received = open(out_dir / "received.jsonl", "a")  # what arrived at the server, per reply
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        """The server's state from a checkpoint of this run directory; refuses one that does not fit."""
+        if ckpt.state.get("runtime") != "flower":
+            raise CheckpointError(f"run config resume: {ckpt.path} was written by `fedlora run` (the in-process "
+                                  f"simulator); resume it with `fedlora run --resume {self.out}`")
+        fp = self.ws.data.fingerprint
+        if fp != ckpt.fingerprint and not self.settings.force:
+            raise CheckpointError(f"run config resume: the data differ from the run's (fingerprint "
+                                  f"{ckpt.fingerprint}, now {fp}, data.path={self.cfg.data.path}); set force=true "
+                                  f"to continue anyway")
+        try:
+            self.server.load_state_dict(ckpt.state["server"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"run config resume: checkpoint {ckpt.path.name} does not fit this config: "
+                                  f"{e}") from None
 
     # ------------------------------------------------------------------ messages
     def _message(self, kind: str, node: int, rnd: int, arrays=None, **flags) -> Message:
-        content = RecordDict({M.CONFIG: ConfigRecord({"config": self.config_yaml, "round": rnd, **flags})})
+        content = RecordDict({M.CONFIG: ConfigRecord({"config": self.config_yaml, "round": rnd,
+                                                      "resume-round": self.resume_round, **flags})})
         if arrays is not None:
             content[M.SHARED] = M.to_record(arrays)
         return Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd),
@@ -273,27 +305,38 @@ class FlowerRun:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         t0 = time.perf_counter()
-        cfg = self.cfg
-        res.atomic_write(self.out / "config.yaml", dump_config(cfg))
+        lines = list(self.resume.metrics) if self.resume else []
+        if self.resume:
+            say(f"resuming after round {self.resume.round} of {self.cfg.federation.rounds} "
+                f"(checkpoint {self.resume.path.relative_to(self.out)})")
+            self.store.prune()  # leftovers of the crash: torn temporary checkpoints, a checkpoint too many
+        res.atomic_write(self.out / "config.yaml", self.config_yaml)
         metrics_path = self.out / "metrics.jsonl"
-        metrics_path.write_text("")
+        res.atomic_write(metrics_path, "".join(lines))
         try:
-            return self._run(t0, metrics_path)
+            return self._run(t0, metrics_path, lines)
         finally:
             self.received.close()
 
-    def _run(self, t0: float, metrics_path: Path) -> dict:
+    def _run(self, t0: float, metrics_path: Path, lines: list[str]) -> dict:
         cfg = self.cfg
+        elapsed_before = self.resume.elapsed if self.resume else 0.0
         self.connect()
-        history = []
-        for rnd in range(1, cfg.federation.rounds + 1):
+        history = [json.loads(line) for line in lines]
+        for rnd in range(self.resume_round + 1, cfg.federation.rounds + 1):
             rec, extra = self.run_round(rnd)
             row = {**rec.as_dict(), **extra}
             history.append(row)
+            line = json.dumps(row, default=float) + "\n"
+            lines.append(line)
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(row, default=float) + "\n")
+                f.write(line)
             say(round_line(rec) + (f" | failed: {sorted(int(c) for c in extra['failed'])}" if extra["failed"] else ""))
-        wall = time.perf_counter() - t0
+            if is_due(rnd, cfg.federation.rounds, cfg.output.checkpoint_every):
+                self.store.save(rnd, {"runtime": "flower", "server": self.server.state_dict()}, lines,
+                                self.config_yaml, self.ws.data.fingerprint,
+                                elapsed_before + time.perf_counter() - t0)
+        wall = elapsed_before + time.perf_counter() - t0
         row = res.summary_row(cfg.method, history, self.sim.parameter_counts(), wall)
         note = ""
         if self.method.personal:
@@ -310,7 +353,7 @@ class FlowerRun:
         res.write_json(self.out / "results.json", {
             "summary": row, "history": history, "method": self.method.summary,
             "provenance": res.provenance(cfg, self.ws.data, {
-                "wall_time": wall, "device": self.ws.device, "runtime": "flower",
+                "wall_time": wall, "device": self.ws.device, "runtime": "flower", "resumed": bool(self.resume),
                 "nodes": {str(c): n for c, n in sorted(self.nodes.items())},
                 "run_settings": self.settings.as_run_config()}),
         })
@@ -326,8 +369,19 @@ def make_server_app(defaults: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         settings = RunSettings.from_run_config({**(defaults or {}), **dict(context.run_config)})
         cfg = settings.load()
-        out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
-        FlowerRun(grid, cfg, settings, out).run()
+        ckpt = None
+        if settings.resume:
+            out = Path(cfg.output.dir)
+            ckpt, skipped, finished = open_for_resume(out, "run config resume")
+            if check_resume(out, ckpt, finished, cfg, force=settings.force, label="run config resume",
+                            force_hint="resume with the run's config and set, or set force=true"):
+                say(f"{out}: the run already finished ({cfg.federation.rounds} rounds); nothing to do")
+                return
+            for name, why in skipped.items():
+                say(f"checkpoint {name} is incomplete ({why}); using {ckpt.path.name}")
+        else:
+            out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
+        FlowerRun(grid, cfg, settings, out, resume=ckpt).run()
 
     return server_app
 

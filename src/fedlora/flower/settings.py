@@ -6,6 +6,9 @@ Run config (`[tool.flwr.app.config]` in pyproject.toml, `flwr run --run-config "
   set                overrides in `fedlora run --set` syntax, space separated: "rounds=2 clients=3"
   out                run directory ("" = output.dir of the config)
   overwrite          replace an existing run directory
+  resume             continue the run directory `out` from its last server checkpoint (written every
+                     output.checkpoint_every rounds); the config must be the run's (see docs/reliability.md)
+  force              with resume: continue even if the config or the data differ from the run's
   min-replies        fewest global-phase replies with which a round still aggregates (fewer: the global model
                      stays as it is for that round; the run goes on)
   round-timeout      seconds to wait for the replies of one phase; clients that have not answered by then
@@ -50,6 +53,8 @@ class RunSettings:
     set: str = ""
     out: str = ""
     overwrite: bool = False
+    resume: bool = False
+    force: bool = False
     min_replies: int = 1
     round_timeout: float = 600.0
     min_nodes: int = 0
@@ -66,6 +71,10 @@ class RunSettings:
                                   f"known: {', '.join(known)}")
             kwargs[f.name] = _coerce(f"run config '{key}'", value, type(getattr(cls(), f.name)))
         s = cls(**kwargs)
+        if s.resume and s.overwrite:
+            raise ConfigError("run config: 'resume' and 'overwrite' contradict each other; use one or the other")
+        if s.force and not s.resume:
+            raise ConfigError("run config 'force' only applies with 'resume=true'")
         if s.min_replies < 1:
             raise ConfigError(f"run config 'min-replies': {s.min_replies} must be >= 1")
         if s.min_nodes < 0:
