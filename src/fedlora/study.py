@@ -3,6 +3,9 @@
 A study spec (YAML) names experiments; each is a base config plus `--set` overrides, a list of methods and
 seeds. Every (experiment, method, seed) run writes its own directory; finished runs are skipped, so a study
 interrupted (or spread over several GPU leases) is completed by running the same command again.
+
+Experiments can be split over processes with `--only` (e.g. one per CPU core, each with `--set threads=1`);
+`summary.md` always lists every experiment of the spec that has finished, whichever process wrote it.
 """
 
 from __future__ import annotations
@@ -34,20 +37,27 @@ def load_spec(path: str) -> dict:
     return spec
 
 
-def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, console: Console) -> Path:
+def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, console: Console,
+              overrides: list[str] | None = None) -> Path:
+    """Run the spec's experiments (or `only` those); `overrides` apply to every run (e.g. threads=1)."""
     from .cli import _aggregate_rows
     from .config import load_config
     from .runner import Session, run_experiment
 
     spec = load_spec(spec_path)
+    if only:
+        unknown = [n for n in only if n not in spec["experiments"]]
+        if unknown:
+            raise ConfigError(f"--only: no experiment {unknown[0]!r} in {spec_path}; "
+                              f"it has {', '.join(spec['experiments'])}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     session = None
-    tables = []
     for name, exp in spec["experiments"].items():
         if only and name not in only:
             continue
         sets = list(exp.get("set", [])) + (list(spec.get("quick", [])) + list(exp.get("quick", [])) if quick else [])
+        sets += list(overrides or [])
         seeds = exp.get("seeds", spec.get("seeds", [0]))
         if quick:
             seeds = seeds[:1]
@@ -81,8 +91,14 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         (root / name / "results.md").write_text(table)
         res.plot_curves(histories, root / name / "curves.png")
         res.plot_per_client(rows, root / name / "per_client_local.png")
-        tables.append(f"## {name}\n\n{exp.get('description', '')}\n\nseeds {seeds}; overrides {sets}\n\n{table}")
-    (root / "summary.md").write_text("\n".join(tables))
+    tables = []
+    for name, exp in spec["experiments"].items():  # every finished experiment, also those of other processes
+        done = root / name / "results.json"
+        if done.is_file():
+            info = json.loads(done.read_text())
+            tables.append(f"## {name}\n\n{exp.get('description', '')}\n\nseeds {info['seeds']}; overrides "
+                          f"{info['sets']}\n\n{(root / name / 'results.md').read_text()}")
+    res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
 
@@ -101,12 +117,14 @@ def register(sub) -> None:
     p.add_argument("--spec", default="configs/study/study.yaml")
     p.add_argument("--out", default="runs/study")
     p.add_argument("--quick", action="store_true", help="one seed and the spec's reduced sizes")
-    p.add_argument("--only", help="comma-separated experiment names")
+    p.add_argument("--only", help="comma-separated experiment names (to split a study over processes)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field in every run, e.g. --set threads=1 (repeatable)")
 
     def handler(args, console):
         only = args.only.split(",") if args.only else None
         try:
-            run_study(args.spec, args.out, quick=args.quick, only=only, console=console)
+            run_study(args.spec, args.out, quick=args.quick, only=only, console=console, overrides=args.set)
         except KeyError as e:
             raise UserError(f"study spec: missing key {e}") from None
         return 0
