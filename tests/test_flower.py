@@ -321,7 +321,9 @@ def test_transport_keeps_values_and_dtypes():
     from fedlora.flower import messages as M
 
     state = {"a": torch.randn(3, 2), "b": torch.randn(4).to(torch.bfloat16)}
-    back = M.from_record(M.to_record(state), state)
+    record = M.to_record(state)
+    assert record["b"].numpy().dtype.itemsize == 2  # bfloat16 travels as its 16 bits, not as float32
+    back = M.from_record(record, state)
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
     assert M.from_record(M.to_record({}), state) == {}
 

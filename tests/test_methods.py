@@ -187,3 +187,26 @@ def test_local_only_and_centralized_run(tok, base):
     sim = make_sim(tok, clean, "centralized", "rounds=1")
     sim.run()
     assert sim.history[-1].sampled == [0] and sim.history[-1].examples == 3 * 2 * 2  # K x S x batch
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_transfer_halves_the_bytes_and_keeps_the_server_in_float32(tok, dtype):
+    from tiny import tiny_model
+
+    runs = {}
+    for name in ("float32", dtype):
+        sim = make_sim(tok, tiny_model(len(tok)), "fedlora_opt", f"transfer_dtype={name}")
+        ups = record_uploads(sim)
+        hist = sim.run()
+        runs[name] = (sim, ups, hist)
+    sim16, ups16, hist16 = runs[dtype]
+    _, ups32, hist32 = runs["float32"]
+    want = getattr(torch, dtype)
+    assert all(v.dtype == want for u in ups16 for v in u.state.values())
+    assert all(v.dtype == want for v in sim16.server.shared_state().values())
+    assert all(v.dtype == torch.float32 for v in sim16.server.global_state.values())
+    assert not any(h.rejected for h in hist16)
+    for h16, h32 in zip(hist16, hist32):
+        assert h16.bytes_up * 2 == h32.bytes_up and h16.bytes_down * 2 == h32.bytes_down
+    # rounding the transferred tensors changes the model only slightly
+    assert hist16[-1].eval["global"]["loss"] == pytest.approx(hist32[-1].eval["global"]["loss"], rel=2e-2)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .adapters import AdapterModel
 from .core import protocol
 from .core.aggregate import ClientUpdate
-from .core.components import State, join, nbytes
+from .core.components import State, cast_floats, join, nbytes, transfer_dtype
 from .core.methods import Method
 from .data.prompts import Encoded
 from .training import PhaseStats, phase_rng, sample_batches, train_phase
@@ -60,6 +60,7 @@ class FedClient:
         upload, new_personal = protocol.after_global_phase(m, trained, personal)
         if stats.diverged:  # a NaN loss stops this client's update, not the run
             upload, new_personal = {}, dict(personal or {})
+        upload = cast_floats(upload, transfer_dtype(self.cfg.federation.transfer_dtype))  # what travels
         update = ClientUpdate(cid, upload, stats.examples,
                               {"train_loss": stats.loss, "steps": stats.steps, "diverged": stats.diverged})
         return GlobalPhaseResult(update, new_personal, stats)

@@ -14,7 +14,7 @@ from .adapters import AdapterModel
 from .checkpoint import fault_point
 from .client import FedClient
 from .core import protocol
-from .core.components import State, clone, nbytes, numel, select
+from .core.components import State, clone, nbytes, numel, select, transfer_dtype
 from .core.methods import Method, build_method
 from .core.robust import RobustOptions
 from .core.server import Server
@@ -135,7 +135,8 @@ class Simulation:
         self.client = FedClient(self.am, self.method, cfg, self.tokenizer.pad_token_id)
         self.server = Server(self.method, self.am.init_state, build_server_optimizer(cfg.federation), self.am.axes,
                              RobustOptions.from_config(cfg.federation),
-                             keep_direction_scale=mo.direction_scale == "keep")
+                             keep_direction_scale=mo.direction_scale == "keep",
+                             transfer_dtype=transfer_dtype(cfg.federation.transfer_dtype))
         self.personal: dict[int, State] = {}
         self.evaluator = Evaluator(self.am, self.fmt, self.data, cfg)
         self.history: list[RoundRecord] = []

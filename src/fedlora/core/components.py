@@ -70,6 +70,18 @@ def clone(state: Mapping[str, torch.Tensor], device: str | torch.device | None =
     return {k: v.detach().to(device=device, copy=True) if device else v.detach().clone() for k, v in state.items()}
 
 
+def transfer_dtype(name: str) -> torch.dtype | None:
+    """`federation.transfer_dtype` as a torch dtype; None for float32 (tensors travel as they are)."""
+    return None if name == "float32" else {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def cast_floats(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> State:
+    """`state` with its floating-point tensors in `dtype` (the same tensors where they already are; None: as is)."""
+    if dtype is None:
+        return dict(state)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 

@@ -17,7 +17,7 @@ import torch
 
 from . import robust
 from .aggregate import ClientUpdate, direction_aware_mean, renormalize_directions
-from .components import State, clone, component_of, is_direction, select
+from .components import State, cast_floats, clone, component_of, is_direction, select
 from .magdir import Axis, vector_norms
 from .methods import Method
 
@@ -63,8 +63,11 @@ class Server:
     """Holds the global adapter state and turns a round's uploads into the next global state."""
 
     def __init__(self, method: Method, init_state: State, optimizer, direction_axes: Mapping[str, Axis],
-                 robust_options: robust.RobustOptions | None = None, keep_direction_scale: bool = False):
+                 robust_options: robust.RobustOptions | None = None, keep_direction_scale: bool = False,
+                 transfer_dtype: torch.dtype | None = None):
         self.method = method
+        self.transfer_dtype = transfer_dtype
+        """Dtype of what travels (None: the global state's own); the server keeps and aggregates its own dtype."""
         self.keep_direction_scale = keep_direction_scale
         self.global_state: State = clone(init_state)
         self.optimizer = optimizer
@@ -72,7 +75,10 @@ class Server:
         self.robust = robust_options or robust.RobustOptions()
 
     def shared_state(self) -> State:
-        """What is sent down to clients each round."""
+        """What is sent down to clients each round (in the transfer dtype); uploads must match it."""
+        return cast_floats(self._shared(), self.transfer_dtype)
+
+    def _shared(self) -> State:
         return select(self.global_state, self.method.shared)
 
     def _reject(self, report: RoundReport, cid: int, reason: str) -> None:
@@ -81,14 +87,15 @@ class Server:
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> RoundReport:
         report = RoundReport()
-        expected = self.shared_state()
+        wire, expected = self.shared_state(), self._shared()
         good = []
         for u in updates:
-            reason = check_update(u, expected) if expected else None
+            reason = check_update(u, wire) if expected else None
             if reason:
                 self._reject(report, u.client_id, reason)
-            else:
-                good.append(u)
+            else:  # aggregated in the server's own dtype
+                good.append(ClientUpdate(u.client_id, {k: v.to(expected[k].dtype) for k, v in u.state.items()},
+                                         u.num_examples, u.metrics))
         if expected and good and self.robust.max_norm_ratio is not None:
             norms = [robust.delta_norm(d) for d in robust.deltas([u.state for u in good], expected, self.axes)]
             outliers = robust.norm_outliers(norms, self.robust.max_norm_ratio)

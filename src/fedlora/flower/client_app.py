@@ -115,7 +115,7 @@ def train_global(msg: Message, context: Context) -> Message:
     node, cfg, ws = _setup(msg, context)
     sim, cid = ws.sim, node.partition_id
     rnd = int(msg.content[M.CONFIG]["round"])
-    shared = M.from_record(msg.content[M.SHARED], sim.am.init_state)
+    shared = M.from_record(msg.content[M.SHARED], sim.server.shared_state())
     rows = sim.train_rows[cid]
     res = sim.client.global_phase(cid, rnd, shared, _personal(context, node, msg), rows,
                                   steps=sim.client.steps_for(len(rows)))
@@ -141,7 +141,7 @@ def train_local(msg: Message, context: Context) -> Message:
     sim, cid = ws.sim, node.partition_id
     conf = msg.content[M.CONFIG]
     rnd = int(conf["round"])
-    shared = M.from_record(msg.content[M.SHARED], sim.am.init_state)
+    shared = M.from_record(msg.content[M.SHARED], sim.server.shared_state())
     personal = _personal(context, node, msg)
     out: dict = {"partition-id": cid}
     if bool(conf["local"]) and sim.method.has_local_phase:

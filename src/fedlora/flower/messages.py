@@ -34,24 +34,27 @@ PERSONAL = "fedlora.personal"  # ArrayRecord in Context.state, never sent
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Tensors -> ArrayRecord (bfloat16, which numpy lacks, travels as float32)."""
+    """Tensors -> ArrayRecord. numpy has no bfloat16: it travels as its bits in int16 (2 bytes, exact)."""
     import torch
 
     if not state:
         return ArrayRecord()
-    return ArrayRecord({k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().contiguous()
+    return ArrayRecord({k: (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).detach().cpu().contiguous()
                         for k, v in state.items()})
 
 
 def from_record(record: ArrayRecord, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ArrayRecord -> tensors on the device of `like` (and back to bfloat16 where `like` is bfloat16)."""
+    """ArrayRecord -> tensors on the device of `like`; bfloat16 where `like` is bfloat16 (sent as int16 bits)."""
     import torch
 
     out = {}
     for k, v in record.to_torch_state_dict().items():
         ref = like.get(k)
         if ref is not None:
-            back = ref.dtype == torch.bfloat16 and v.dtype == torch.float32
-            v = v.to(device=ref.device, dtype=ref.dtype if back else v.dtype)
+            if ref.dtype == torch.bfloat16 and v.dtype == torch.int16:
+                v = v.view(torch.bfloat16)
+            elif ref.dtype == torch.bfloat16 and v.dtype == torch.float32:
+                v = v.to(torch.bfloat16)
+            v = v.to(device=ref.device)
         out[k] = v
     return out
