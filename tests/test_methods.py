@@ -210,3 +210,14 @@ def test_16_bit_transfer_halves_the_bytes_and_keeps_the_server_in_float32(tok, d
         assert h16.bytes_up * 2 == h32.bytes_up and h16.bytes_down * 2 == h32.bytes_down
     # rounding the transferred tensors changes the model only slightly
     assert hist16[-1].eval["global"]["loss"] == pytest.approx(hist32[-1].eval["global"]["loss"], rel=2e-2)
+
+
+def test_length_buckets_option_trains_the_same_rows(tok):
+    from tiny import tiny_model
+
+    out = {}
+    for flag in ("false", "true"):
+        sim = make_sim(tok, tiny_model(len(tok)), "fedit", f"train.length_buckets={flag}", "rounds=1")
+        res = sim.client.global_phase(0, 1, sim.server.shared_state(), None, sim.train_rows[0])
+        out[flag] = res.stats
+    assert out["true"].examples == out["false"].examples and out["true"].steps == out["false"].steps

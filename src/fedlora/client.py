@@ -52,7 +52,8 @@ class FedClient:
         start = protocol.global_phase_state(m, g, personal)
         self.am.load_state(start)
         key = self._seed(cid, rnd, GLOBAL_PHASE)
-        batches = sample_batches(rows, steps or self.steps_for(len(rows)), t.batch_size, t.grad_accum, phase_rng(*key))
+        batches = sample_batches(rows, steps or self.steps_for(len(rows)), t.batch_size, t.grad_accum, phase_rng(*key),
+                                 by_length=t.length_buckets)
         anchor = {k: v for k, v in start.items() if k in shared} if m.loss_terms else None
         stats = train_phase(self.am, batches, m.global_train, lr=t.lr, train_cfg=t, pad_id=self.pad_id,
                             loss_terms=m.loss_terms, anchor=anchor, torch_seed=hash(key) & 0x7FFFFFFF)
@@ -73,7 +74,8 @@ class FedClient:
         g = self.full_global_state(shared)
         self.am.load_state(protocol.local_phase_state(m, g, personal))
         key = self._seed(cid, rnd, LOCAL_PHASE)
-        batches = sample_batches(rows, t.personal_steps, t.batch_size, t.grad_accum, phase_rng(*key))
+        batches = sample_batches(rows, t.personal_steps, t.batch_size, t.grad_accum, phase_rng(*key),
+                                 by_length=t.length_buckets)
         stats = train_phase(self.am, batches, m.local_train, lr=t.personal_lr or t.lr, train_cfg=t,
                             pad_id=self.pad_id, torch_seed=hash(key) & 0x7FFFFFFF)
         if stats.diverged:

@@ -120,6 +120,9 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    length_buckets: bool = False
+    """Group each phase's drawn rows into micro-batches of similar length (less padding, faster; changes which
+    rows share a step, so off by default). See docs/performance.md (target 7)."""
 
 
 @dataclass
