@@ -29,8 +29,9 @@ class GlobalPhaseResult:
 
 
 class FedClient:
-    def __init__(self, am: AdapterModel, method: Method, cfg, pad_id: int):
-        self.am, self.method, self.cfg, self.pad_id = am, method, cfg, pad_id
+    def __init__(self, am: AdapterModel, method: Method, cfg, pad_id: int, log=print):
+        self.am, self.method, self.cfg, self.pad_id, self.log = am, method, cfg, pad_id, log
+        self._lockstep_warned: set[str] = set()
 
     def full_global_state(self, shared: Mapping) -> State:
         """The server sends only shared components; the rest are the seeded init every client shares."""
@@ -47,40 +48,82 @@ class FedClient:
 
     def global_phase(self, cid: int, rnd: int, shared: Mapping, personal: Mapping | None,
                      rows: Sequence[Encoded], steps: int | None = None) -> GlobalPhaseResult:
+        return self.global_phases([(cid, rnd, shared, personal, rows, steps)], lockstep=False)[0]
+
+    def global_phases(self, jobs: Sequence[tuple], lockstep: bool | None = None) -> list[GlobalPhaseResult]:
+        """The global phase of several clients: jobs of (cid, rnd, shared, personal, rows, steps).
+
+        One after another, or all at once in one batched forward/backward (`federation.lockstep`, see
+        fedlora.lockstep) where the method and the phases allow it; the results are the same either way
+        (up to float rounding, and with lora.dropout 0).
+        """
         t, m = self.cfg.train, self.method
-        g = self.full_global_state(shared)
-        start = protocol.global_phase_state(m, g, personal)
-        self.am.load_state(start)
-        key = self._seed(cid, rnd, GLOBAL_PHASE)
-        batches = sample_batches(rows, steps or self.steps_for(len(rows)), t.batch_size, t.grad_accum, phase_rng(*key),
-                                 by_length=t.length_buckets)
-        anchor = {k: v for k, v in start.items() if k in shared} if m.loss_terms else None
-        stats = train_phase(self.am, batches, m.global_train, lr=t.lr, train_cfg=t, pad_id=self.pad_id,
-                            loss_terms=m.loss_terms, anchor=anchor, torch_seed=hash(key) & 0x7FFFFFFF)
-        trained = self.am.state()
-        upload, new_personal = protocol.after_global_phase(m, trained, personal)
-        if stats.diverged:  # a NaN loss stops this client's update, not the run
-            upload, new_personal = {}, dict(personal or {})
-        upload = cast_floats(upload, transfer_dtype(self.cfg.federation.transfer_dtype))  # what travels
-        update = ClientUpdate(cid, upload, stats.examples,
-                              {"train_loss": stats.loss, "steps": stats.steps, "diverged": stats.diverged})
-        return GlobalPhaseResult(update, new_personal, stats)
+        starts, batches, anchors, keys = [], [], [], []
+        for cid, rnd, shared, personal, rows, steps in jobs:
+            start = protocol.global_phase_state(m, self.full_global_state(shared), personal)
+            key = self._seed(cid, rnd, GLOBAL_PHASE)
+            starts.append(start)
+            keys.append(key)
+            batches.append(sample_batches(rows, steps or self.steps_for(len(rows)), t.batch_size, t.grad_accum,
+                                          phase_rng(*key), by_length=t.length_buckets))
+            anchors.append({k: v for k, v in start.items() if k in shared} if m.loss_terms else None)
+        trained = self._train(starts, batches, m.global_train, t.lr, keys, lockstep, m.loss_terms, anchors)
+        out = []
+        for (cid, _, _, personal, _, _), (state, stats) in zip(jobs, trained):
+            upload, new_personal = protocol.after_global_phase(m, state, personal)
+            if stats.diverged:  # a NaN loss stops this client's update, not the run
+                upload, new_personal = {}, dict(personal or {})
+            upload = cast_floats(upload, transfer_dtype(self.cfg.federation.transfer_dtype))  # what travels
+            update = ClientUpdate(cid, upload, stats.examples,
+                                  {"train_loss": stats.loss, "steps": stats.steps, "diverged": stats.diverged})
+            out.append(GlobalPhaseResult(update, new_personal, stats))
+        return out
 
     def local_phase(self, cid: int, rnd: int, shared: Mapping, personal: Mapping | None,
                     rows: Sequence[Encoded]) -> tuple[State, PhaseStats]:
+        return self.local_phases([(cid, rnd, shared, personal, rows)], lockstep=False)[0]
+
+    def local_phases(self, jobs: Sequence[tuple], lockstep: bool | None = None) -> list[tuple[State, PhaseStats]]:
+        """The local phase of several clients: jobs of (cid, rnd, shared, personal, rows); see global_phases."""
         t, m = self.cfg.train, self.method
         if not m.has_local_phase or t.personal_steps == 0:
-            return dict(personal or {}), PhaseStats()
-        g = self.full_global_state(shared)
-        self.am.load_state(protocol.local_phase_state(m, g, personal))
-        key = self._seed(cid, rnd, LOCAL_PHASE)
-        batches = sample_batches(rows, t.personal_steps, t.batch_size, t.grad_accum, phase_rng(*key),
-                                 by_length=t.length_buckets)
-        stats = train_phase(self.am, batches, m.local_train, lr=t.personal_lr or t.lr, train_cfg=t,
-                            pad_id=self.pad_id, torch_seed=hash(key) & 0x7FFFFFFF)
-        if stats.diverged:
-            return dict(personal or {}), stats
-        return protocol.after_local_phase(m, self.am.state(), g), stats
+            return [(dict(personal or {}), PhaseStats()) for _, _, _, personal, _ in jobs]
+        starts, batches, keys, globals_ = [], [], [], []
+        for cid, rnd, shared, personal, rows in jobs:
+            g = self.full_global_state(shared)
+            key = self._seed(cid, rnd, LOCAL_PHASE)
+            globals_.append(g)
+            starts.append(protocol.local_phase_state(m, g, personal))
+            keys.append(key)
+            batches.append(sample_batches(rows, t.personal_steps, t.batch_size, t.grad_accum, phase_rng(*key),
+                                          by_length=t.length_buckets))
+        trained = self._train(starts, batches, m.local_train, t.personal_lr or t.lr, keys, lockstep)
+        return [((dict(personal or {}), stats) if stats.diverged else (protocol.after_local_phase(m, state, g), stats))
+                for (_, _, _, personal, _), g, (state, stats) in zip(jobs, globals_, trained)]
+
+    def _train(self, starts, batches, trainable, lr, keys, lockstep, loss_terms=(), anchors=None):
+        """[(trained state, stats)] per client: in lockstep when asked for and possible, else one by one."""
+        from .lockstep import reason_unsupported, train_lockstep
+
+        t = self.cfg.train
+        if lockstep is None:
+            lockstep = self.cfg.federation.lockstep
+        if lockstep and len(starts) > 1:
+            why = reason_unsupported(self.am, batches, bool(loss_terms))
+            if why is None:
+                states, stats = train_lockstep(self.am, starts, batches, trainable, lr=lr, train_cfg=t,
+                                               pad_id=self.pad_id, torch_seed=hash(keys[0]) & 0x7FFFFFFF)
+                return list(zip(states, stats))
+            if why not in self._lockstep_warned:
+                self._lockstep_warned.add(why)
+                self.log(f"federation.lockstep: training one client after another ({why})")
+        out = []
+        for start, b, key, anchor in zip(starts, batches, keys, anchors or [None] * len(starts)):
+            self.am.load_state(start)
+            stats = train_phase(self.am, b, trainable, lr=lr, train_cfg=t, pad_id=self.pad_id,
+                                loss_terms=loss_terms, anchor=anchor, torch_seed=hash(key) & 0x7FFFFFFF)
+            out.append((self.am.state(), stats))
+        return out
 
     @staticmethod
     def upload_bytes(update: ClientUpdate) -> int:

@@ -98,6 +98,10 @@ class FederationConfig:
     """Scale each client's update (change of the shared state) down to at most this L2 norm (None: off)."""
     max_norm_ratio: float | None = None
     """Reject updates whose norm exceeds this multiple of the round's median update norm, e.g. 10 (None: off)."""
+    lockstep: bool = False
+    """Train the round's sampled clients together, in one batched forward/backward over the shared base model
+    (each example through its own client's adapter; per-client optimizer state). Same results as one after
+    another up to float rounding (with lora.dropout 0); pays off on a GPU. See docs/performance.md (target 6)."""
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Dtype of the tensors that travel (down and up); the server aggregates in float32. 16-bit halves the bytes
     of every method; see docs/performance.md (communication)."""

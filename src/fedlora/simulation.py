@@ -132,7 +132,7 @@ class Simulation:
         self.fmt = PromptFormatter(self.tokenizer, cfg.data.template, cfg.data.max_length)
         rows = [[self.fmt.encode(e) for e in c.train] for c in self.data.clients]
         self.train_rows = [sum(rows, [])] if self.method.pooled else rows
-        self.client = FedClient(self.am, self.method, cfg, self.tokenizer.pad_token_id)
+        self.client = FedClient(self.am, self.method, cfg, self.tokenizer.pad_token_id, log=self.log)
         self.server = Server(self.method, self.am.init_state, build_server_optimizer(cfg.federation), self.am.axes,
                              RobustOptions.from_config(cfg.federation),
                              keep_direction_scale=mo.direction_scale == "keep",
@@ -160,10 +160,13 @@ class Simulation:
         shared = self.server.shared_state()
         down = nbytes(shared)
         updates, losses = [], []
-        for cid in sampled:
-            rows = self.train_rows[cid]
-            res = self.client.global_phase(cid, rnd, shared, self.personal.get(cid), rows,
-                                           steps=self.client.steps_for(len(rows), scale))
+        jobs = [(cid, rnd, shared, self.personal.get(cid), self.train_rows[cid],
+                 self.client.steps_for(len(self.train_rows[cid]), scale)) for cid in sampled]
+        if cfg.federation.lockstep:  # all sampled clients in one batched forward/backward (fedlora.lockstep)
+            results = self.client.global_phases(jobs)
+        else:
+            results = (self.client.global_phase(*job) for job in jobs)
+        for cid, res in zip(sampled, results):
             self.personal[cid] = res.personal
             updates.append(res.update)
             losses.append((res.stats.loss, res.stats.examples))
@@ -176,9 +179,9 @@ class Simulation:
         new_shared = self.server.shared_state()
         local_losses = []
         if m.has_local_phase:
-            for cid in sampled:
-                self.personal[cid], st = self.client.local_phase(cid, rnd, new_shared, self.personal.get(cid),
-                                                                 self.train_rows[cid])
+            jobs = [(cid, rnd, new_shared, self.personal.get(cid), self.train_rows[cid]) for cid in sampled]
+            for cid, (personal, st) in zip(sampled, self.client.local_phases(jobs)):
+                self.personal[cid] = personal
                 local_losses.append(st.loss)
         good = [(l, e) for l, e in losses if np.isfinite(l) and e > 0]
         train_loss = sum(l * e for l, e in good) / max(1, sum(e for _, e in good)) if good else float("nan")
