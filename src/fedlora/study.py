@@ -64,7 +64,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         base = load_config(exp["config"], sets)
         if session is None:
             session = Session(base, console)
-        rows, histories = [], {}
+        rows, histories, by_label = [], {}, {}
         for method_entry in exp["methods"]:
             label, extra = _method_entry(method_entry)
             per_seed = []
@@ -81,13 +81,22 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                 console.rule(f"{name}: {label} (seed {seed})")
                 row = run_experiment(session, cfg, run_dir, show_partition=False)
                 per_seed.append(row)
+            by_label[label] = dict(zip(seeds, per_seed))
             agg = _aggregate_rows(per_seed)
             agg["method"] = label
             rows.append(agg)
             histories[label] = [json.loads(x) for x in
                                 (root / name / label / f"seed_{seeds[0]}" / "metrics.jsonl").read_text().splitlines()]
         table = res.results_table(rows)
-        res.write_json(root / name / "results.json", {"rows": rows, "seeds": seeds, "sets": sets})
+        reference = exp.get("paired_with", spec.get("paired_with"))
+        if reference in by_label and len(by_label) > 1:
+            paired = paired_differences(by_label, reference)
+            table += "\n" + paired_table(paired, reference, len(seeds))
+        else:
+            paired = None
+        res.write_json(root / name / "results.json", {"rows": rows, "seeds": seeds, "sets": sets,
+                                                      "paired_with": reference if paired else None,
+                                                      "paired": paired})
         (root / name / "results.md").write_text(table)
         res.plot_curves(histories, root / name / "curves.png")
         res.plot_per_client(rows, root / name / "per_client_local.png")
@@ -101,6 +110,48 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
+
+
+PAIRED_METRICS = (("global_loss", -1), ("local_loss", -1), ("global_rouge_l", 1), ("local_rouge_l", 1))
+
+
+def paired_differences(by_label: dict[str, dict[int, dict]], reference: str) -> dict:
+    """Per method: the per-seed difference to `reference` (same seed: same partition and test sets) of each
+    metric, its mean and std over seeds, and on how many seeds the method was better (lower loss, higher ROUGE-L).
+
+    Seeds change the partition and the test sets, which moves every method's numbers together; the paired
+    difference removes that shared part, so it is the fair way to tell a method's effect from the seed spread.
+    """
+    import numpy as np
+
+    out = {}
+    ref = by_label[reference]
+    for label, runs in by_label.items():
+        if label == reference:
+            continue
+        entry = {}
+        for key, sign in PAIRED_METRICS:
+            diffs = [runs[s][key] - ref[s][key] for s in runs
+                     if s in ref and runs[s].get(key) is not None and ref[s].get(key) is not None]
+            if diffs:
+                entry[key] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "seeds": len(diffs),
+                              "better": sum(1 for d in diffs if sign * d > 0), "per_seed": diffs}
+        out[label] = entry
+    return out
+
+
+def paired_table(paired: dict, reference: str, n_seeds: int) -> str:
+    head = (f"Paired by seed against {reference} (method − {reference}; mean ± std over seeds, and on how many seeds "
+            f"the method was better):\n\n| method | global loss | local loss | global ROUGE-L | local ROUGE-L |\n"
+            f"|---|---|---|---|---|\n")
+    lines = []
+    for label, entry in paired.items():
+        cells = []
+        for key, _ in PAIRED_METRICS:
+            e = entry.get(key)
+            cells.append("–" if e is None else f"{e['mean']:+.4f} ± {e['std']:.4f} ({e['better']}/{e['seeds']})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
 
 
 def _method_entry(entry) -> tuple[str, list[str]]:

@@ -1,0 +1,72 @@
+"""`fedlora study` on the tiny model: every run written and resumable, the tables and the paired differences."""
+
+import json
+
+import pytest
+from conftest import DOLLY
+from tiny import tiny_model, tiny_tokenizer
+
+from fedlora.cli import main
+from fedlora.study import paired_differences
+
+
+@pytest.fixture
+def spec(tmp_path):
+    model = tmp_path / "tiny"
+    tok = tiny_tokenizer()
+    tiny_model(len(tok)).save_pretrained(model)
+    tok.save_pretrained(model)
+    (tmp_path / "base.yaml").write_text(
+        f"model: {{name: '{model}', device: cpu}}\n"
+        f"data: {{path: '{DOLLY}', max_rows: 200, max_length: 48, global_test_per_label: 2}}\n"
+        "federation: {clients: 2, rounds: 1}\n"
+        "train: {local_steps: 1, personal_steps: 1, batch_size: 2}\n"
+        "eval: {max_examples_per_client: 2, max_global_examples: 4, generate: false}\n"
+        "output: {save_adapters: false, plots: false}\n")
+    (tmp_path / "spec.yaml").write_text(
+        "seeds: [0, 1]\npaired_with: fedit\nexperiments:\n"
+        f"  small:\n    description: two methods\n    config: {tmp_path / 'base.yaml'}\n"
+        "    methods: [fedit, {label: fedlora_cols, method: fedlora_opt, set: [norm_axis_a=cols]}]\n")
+    return tmp_path
+
+
+def test_study_runs_every_method_and_seed_then_skips_them(spec, capsys):
+    out = spec / "study"
+    assert main(["study", "--spec", str(spec / "spec.yaml"), "--out", str(out), "--set", "threads=1"]) == 0
+    for label in ("fedit", "fedlora_cols"):
+        for seed in (0, 1):
+            run = json.loads((out / "small" / label / f"seed_{seed}" / "results.json").read_text())
+            assert run["provenance"]["seed"] == seed
+    cols = json.loads((out / "small" / "fedlora_cols" / "seed_0" / "results.json").read_text())
+    assert cols["provenance"]["method"] == "fedlora_opt"
+    table = (out / "small" / "results.md").read_text()
+    assert "| fedlora_cols | 2 |" in table and "Paired by seed against fedit" in table
+    summary = json.loads((out / "small" / "results.json").read_text())
+    d = summary["paired"]["fedlora_cols"]["global_loss"]
+    assert d["seeds"] == 2 and len(d["per_seed"]) == 2
+    assert "## small" in (out / "summary.md").read_text()
+    capsys.readouterr()
+
+    # a second run finds every run finished and only rebuilds the tables
+    before = (out / "small" / "fedit" / "seed_0" / "results.json").read_bytes()
+    assert main(["study", "--spec", str(spec / "spec.yaml"), "--out", str(out)]) == 0
+    assert "small/fedit/seed_0: done, skipped" in capsys.readouterr().out
+    assert (out / "small" / "fedit" / "seed_0" / "results.json").read_bytes() == before
+
+
+def test_study_bad_input_is_one_line(spec, capsys):
+    assert main(["study", "--spec", str(spec / "spec.yaml"), "--only", "nope"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --only: no experiment 'nope' in {spec / 'spec.yaml'}; it has small"]
+    assert main(["study", "--spec", str(spec / "missing.yaml")]) == 2
+    assert "study spec not found" in capsys.readouterr().err
+
+
+def test_paired_differences_by_seed():
+    by_label = {"fedit": {0: {"global_loss": 2.0, "local_loss": 1.0}, 1: {"global_loss": 3.0, "local_loss": 2.0}},
+                "m": {0: {"global_loss": 1.9, "local_loss": 1.1}, 1: {"global_loss": 2.8, "local_loss": 1.9}}}
+    d = paired_differences(by_label, "fedit")["m"]
+    assert d["global_loss"]["mean"] == pytest.approx(-0.15) and d["global_loss"]["better"] == 2
+    assert d["global_loss"]["std"] == pytest.approx(0.05)
+    assert d["local_loss"]["mean"] == pytest.approx(0.0) and d["local_loss"]["better"] == 1
+    assert "global_rouge_l" not in d
