@@ -22,7 +22,7 @@ test: setup
 # Benchmarks (docs/performance.md): `make bench` runs the CPU ones with their small defaults, one after another
 # (about an hour on 2 shared CPU cores); `make bench BENCH=peer ARGS="--plain"` runs one with its own flags.
 # gpu_throughput and mfu are for a GPU machine: `make bench BENCH=gpu_throughput ARGS="--device cuda"`.
-BENCH ?= overhead peer memory communication cpu_throughput
+BENCH ?= overhead peer memory communication lockstep cpu_throughput
 bench: setup
 	@for b in $(BENCH); do echo "== benchmarks/$$b.py $(ARGS)"; $(PY) benchmarks/$$b.py $(ARGS) || exit 1; done
 
