@@ -70,3 +70,44 @@ def test_paired_differences_by_seed():
     assert d["global_loss"]["std"] == pytest.approx(0.05)
     assert d["local_loss"]["mean"] == pytest.approx(0.0) and d["local_loss"]["better"] == 1
     assert "global_rouge_l" not in d
+
+
+def test_run_claims_between_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from fedlora.study import CLAIM, _claim
+
+    run = tmp_path / "exp" / "m" / "seed_0"
+    assert _claim(run) and (run / CLAIM).read_text() == str(os.getpid())
+    assert _claim(run)  # this process already holds it
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / CLAIM).write_text(str(other.pid))
+        assert not _claim(run)  # held by another live process
+    finally:
+        other.kill()
+        other.wait()
+    assert _claim(run)  # its owner is gone: taken over
+    assert (run / CLAIM).read_text() == str(os.getpid())
+
+
+def test_two_processes_share_one_study(spec, tmp_path):
+    """Two `fedlora study` processes on one spec: every run is done exactly once, both finish with the tables."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "shared-study"
+    fedlora = str(Path(sys.executable).parent / "fedlora")
+    cmd = [fedlora, "study", "--spec", str(spec / "spec.yaml"), "--out", str(out), "--set", "threads=1"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    for label in ("fedit", "fedlora_cols"):
+        for seed in (0, 1):
+            started = sum(log.count(f"small: {label} (seed {seed})") for log in logs)
+            assert started == 1, (label, seed, logs)
+            assert (out / "small" / label / f"seed_{seed}" / "results.json").is_file()
+    assert all("Paired by seed against fedit" in log for log in logs)

@@ -4,13 +4,18 @@ A study spec (YAML) names experiments; each is a base config plus `--set` overri
 seeds. Every (experiment, method, seed) run writes its own directory; finished runs are skipped, so a study
 interrupted (or spread over several GPU leases) is completed by running the same command again.
 
-Experiments can be split over processes with `--only` (e.g. one per CPU core, each with `--set threads=1`);
-`summary.md` always lists every experiment of the spec that has finished, whichever process wrote it.
+Several processes can work on one study (e.g. one per CPU core or GPU, each with `--set threads=1`): each
+run directory is claimed (an exclusive `.claimed` file with the owner's pid) before it runs, so a process skips
+runs another live process holds and takes over those of a dead one; an experiment's tables are written once all
+its runs are finished. `--only` splits by experiment instead. `summary.md` always lists every finished
+experiment of the spec, whichever process wrote it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import yaml
@@ -64,23 +69,41 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         base = load_config(exp["config"], sets)
         if session is None:
             session = Session(base, console)
-        rows, histories, by_label = [], {}, {}
-        for method_entry in exp["methods"]:
-            label, extra = _method_entry(method_entry)
-            per_seed = []
-            for seed in seeds:
-                run_dir = root / name / label / f"seed_{seed}"
-                done = run_dir / "results.json"
-                if done.is_file():
-                    per_seed.append(json.loads(done.read_text())["summary"])
+        entries = [_method_entry(e) for e in exp["methods"]]
+        announced: set[Path] = set()
+
+        def finished_or_run(label: str, extra: list[str], seed: int) -> bool:
+            """True once the run is finished (by this process now, or before, or by another process)."""
+            run_dir = root / name / label / f"seed_{seed}"
+            if (run_dir / "results.json").is_file():
+                if run_dir not in announced:
                     console.print(f"[dim]{name}/{label}/seed_{seed}: done, skipped")
-                    continue
-                cfg = load_config(exp["config"], sets + extra + [f"seed={seed}"])
-                cfg.output.dir = str(run_dir)
-                res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run restarts from scratch
-                console.rule(f"{name}: {label} (seed {seed})")
-                row = run_experiment(session, cfg, run_dir, show_partition=False)
-                per_seed.append(row)
+                announced.add(run_dir)
+                return True
+            if not _claim(run_dir):
+                return False  # another live process is running it
+            cfg = load_config(exp["config"], sets + extra + [f"seed={seed}"])
+            cfg.output.dir = str(run_dir)
+            res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run restarts from scratch
+            _claim(run_dir)  # prepare_run_dir emptied the directory
+            console.rule(f"{name}: {label} (seed {seed})")
+            run_experiment(session, cfg, run_dir, show_partition=False)
+            (run_dir / CLAIM).unlink(missing_ok=True)
+            announced.add(run_dir)
+            return True
+
+        while True:
+            waiting = [(label, seed) for label, extra in entries for seed in seeds
+                       if not finished_or_run(label, extra, seed)]
+            if not waiting:
+                break
+            console.print(f"[dim]{name}: waiting for {len(waiting)} run(s) of another process "
+                          f"({', '.join(f'{l}/seed_{s}' for l, s in waiting[:3])}{' ...' if len(waiting) > 3 else ''})")
+            time.sleep(10)
+        rows, histories, by_label = [], {}, {}
+        for label, _ in entries:
+            per_seed = [json.loads((root / name / label / f"seed_{seed}" / "results.json").read_text())["summary"]
+                        for seed in seeds]
             by_label[label] = dict(zip(seeds, per_seed))
             agg = _aggregate_rows(per_seed)
             agg["method"] = label
@@ -110,6 +133,43 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
+
+
+CLAIM = ".claimed"
+
+
+def _claim(run_dir: Path) -> bool:
+    """Claim a run for this process (True), unless another live process holds it. A dead owner's claim is taken."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CLAIM
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner == os.getpid():
+                return True
+            if owner and _alive(owner):
+                return False
+            path.unlink(missing_ok=True)  # the owner died: take the run over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 PAIRED_METRICS = (("global_loss", -1), ("local_loss", -1), ("global_rouge_l", 1), ("local_rouge_l", 1))
