@@ -149,6 +149,7 @@ def _aggregate_rows(rows: list[dict]) -> dict:
         out[key + "_std"] = float(np.std(vals)) if vals else None
     for key in ("per_client_local_loss", "per_client_local_rouge_l"):
         per = [r[key] for r in rows]
+        out[key + "_by_seed"] = per
         out[key] = [float(np.mean([p[c] for p in per if p[c] is not None] or [float("nan")]))
                     for c in range(len(per[0]))]
     return out

@@ -134,20 +134,41 @@ def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
 
 
 def plot_per_client(rows: list[dict], out: Path) -> Path:
+    """Each client's local loss (its personalized model on its own test split), per method: one dot per client
+    and seed (colour = seed), the method's mean as a bar. Seeds change the partition, so client c of one seed is
+    not client c of another; the dots show the spread over clients, the bar the level."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(max(6, 1.1 * len(rows) + 2), 4.2))
     ax = fig.subplots(1, 1)
-    width = 0.8 / max(1, len(rows))
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    values = []
     for i, r in enumerate(rows):
-        vals = r["per_client_local_loss"]
-        ax.bar([c + i * width for c in range(len(vals))], vals, width=width, label=r["method"])
-    ax.set_xlabel("client")
-    ax.set_ylabel("local response loss (lower is better)")
-    ax.legend(fontsize=8)
+        per_seed = r.get("per_client_local_loss_by_seed") or [r["per_client_local_loss"]]
+        for s, vals in enumerate(per_seed):
+            vals = [v for v in vals if v is not None]
+            values += vals
+            offsets = [i + (c - (len(vals) - 1) / 2) * 0.5 / max(1, len(vals)) for c in range(len(vals))]
+            ax.scatter(offsets, vals, s=14, color=colours[s % len(colours)],
+                       label=f"seed {s + 1}" if i == 0 and len(per_seed) > 1 else None, zorder=3)
+        mean = [v for vals in per_seed for v in vals if v is not None]
+        if mean:
+            m = sum(mean) / len(mean)
+            ax.hlines(m, i - 0.35, i + 0.35, color="black", linewidth=2, zorder=4)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
+    if values:
+        lo, hi = min(values), max(values)
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_ylabel("local response loss per client (lower is better)")
+    ax.set_title("per-client local loss; black line: mean over clients and seeds", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    if any(len(r.get("per_client_local_loss_by_seed") or []) > 1 for r in rows):
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     return out
