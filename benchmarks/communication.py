@@ -22,6 +22,7 @@ VARIANTS = {
     "fedlora_opt": [],
     "fedlora_opt freeze_a_mag": ["method_options.freeze_a_mag=true"],
     "fedlora_opt share_b_mag": ["method_options.share_b_mag=true"],
+    "fedlora_opt share_b_dir=false": ["method_options.share_b_dir=false"],
     "fedlora_opt transfer_dtype=bfloat16": ["federation.transfer_dtype=bfloat16"],
     "fedit transfer_dtype=bfloat16": ["federation.transfer_dtype=bfloat16"],
 }
@@ -67,7 +68,7 @@ def main() -> None:
         runs[name] = (sent, rec, down, adapter)
     fedit = runs["fedit"][1].bytes_up if "fedit" in runs else None
     adapter_bytes = nbytes(runs["fedit"][3]) if "fedit" in runs else 0
-    print(f"\n{'method':26s} {'up B/client-round':>18} {'params':>9} {'/ FedIT':>8} {'down B':>10}  what travels up")
+    print(f"\n{'method':36s} {'up B/client-round':>18} {'params':>9} {'/ FedIT':>8} {'down B':>10}  what travels up")
     for name, (sent, rec, down, adapter) in runs.items():
         per = [nbytes(u.state) for u in sent]
         assert not per or all(x == per[0] for x in per)
@@ -80,7 +81,7 @@ def main() -> None:
         what = ", ".join(f"{c} ({n:,})" for c, n in comps.items()) or "nothing"
         ratio = f"{up / fedit:8.3f}" if fedit else f"{'-':>8}"
         params = numel(sent[0].state) if sent else 0
-        print(f"{name:26s} {up:18,d} {params:9,d} {ratio} {nbytes(down):10,d}  {what}")
+        print(f"{name:36s} {up:18,d} {params:9,d} {ratio} {nbytes(down):10,d}  {what}")
     if fedit and "fedlora_opt" in runs:
         r = runs["fedlora_opt"][1].bytes_up / fedit
         print(f"\nFedLoRA-Optimizer / FedIT = {r:.3f} (target <= 0.55), both float32; adapter "
@@ -90,10 +91,9 @@ def main() -> None:
             a, b = (runs[h][1].bytes_up for h in half)
             print(f"both with transfer_dtype=bfloat16: {a / b:.3f}; FedLoRA-Optimizer bfloat16 / FedIT float32: "
                   f"{a / fedit:.3f}")
-        a_dir = sum(v.numel() for k, v in runs["fedlora_opt"][0][0].state.items() if component_of(k) == "A.dir")
-        print(f"not a policy of the method, computed: A.dir alone (B.dir kept personal): {a_dir * 4 / fedit:.3f} "
-              f"in float32")
-
+        only_a = "fedlora_opt share_b_dir=false"
+        if only_a in runs:
+            print(f"with share_b_dir=false (only A travels): {runs[only_a][1].bytes_up / fedit:.3f}, both float32")
 
 if __name__ == "__main__":
     main()

@@ -26,11 +26,13 @@ def max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("method", ["fedit", "fedlora_opt", "fedsa"])
-def test_lockstep_rounds_equal_sequential_rounds(tok, method):
+@pytest.mark.parametrize(
+    "method,options", [("fedit", ()), ("fedlora_opt", ()), ("fedlora_opt", ("share_b_dir=false",)), ("fedsa", ())]
+)
+def test_lockstep_rounds_equal_sequential_rounds(tok, method, options):
     runs = {}
     for lockstep in ("false", "true"):
-        sim, logs = make_sim(tok, method, f"federation.lockstep={lockstep}", "generate=false")
+        sim, logs = make_sim(tok, method, f"federation.lockstep={lockstep}", "generate=false", *options)
         hist = sim.run()
         runs[lockstep] = (sim, hist, logs)
     (seq, seq_hist, _), (lock, lock_hist, lock_logs) = runs["false"], runs["true"]

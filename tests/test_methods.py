@@ -94,6 +94,19 @@ def test_fedlora_opt_invariants(tok, base):
         assert not torch.equal(sim.personal[c][key], before[c][key])  # kept and trained further
 
 
+def test_fedlora_opt_with_b_dir_kept_home_uploads_only_a(tok, base):
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=2", "share_b_dir=false")
+    ups = record_uploads(sim)
+    sim.run()
+    assert ups and all(components(u.state) == {"A.dir", "A.mag"} for u in ups)
+    assert components(sim.server.shared_state()) == {"A.dir", "A.mag"}
+    # each client's B direction and magnitude stay on the client and differ between clients
+    p = sim.personal
+    assert components(p[0]) == {"B.dir", "B.mag"}
+    for k in p[0]:
+        assert not torch.equal(p[0][k], p[1][k]), k
+
+
 def test_unit_direction_scale_gives_unit_rows(tok, base):
     sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "direction_scale=unit")
     sim.run()

@@ -111,3 +111,42 @@ def test_two_processes_share_one_study(spec, tmp_path):
             assert started == 1, (label, seed, logs)
             assert (out / "small" / label / f"seed_{seed}" / "results.json").is_file()
     assert all("Paired by seed against fedit" in log for log in logs)
+
+
+def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_path):
+    """While another live process holds one run of the first experiment, this process runs the second
+    experiment's runs; when the holder dies, it takes the run over and writes the first experiment's tables."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from fedlora.study import CLAIM
+
+    two = spec / "two.yaml"
+    two.write_text(
+        "seeds: [0]\nexperiments:\n"
+        f"  first:\n    config: {spec / 'base.yaml'}\n    methods: [fedit]\n"
+        f"  second:\n    config: {spec / 'base.yaml'}\n    methods: [fedsa]\n")
+    out = tmp_path / "held"
+    held = out / "first" / "fedit" / "seed_0"
+    held.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (held / CLAIM).write_text(str(holder.pid))
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault(
+        "rc", main(["study", "--spec", str(two), "--out", str(out), "--set", "threads=1"])))
+    worker.start()
+    try:
+        second = out / "second" / "results.md"
+        deadline = time.time() + 300
+        while not second.is_file() and time.time() < deadline and worker.is_alive():
+            time.sleep(0.5)
+        assert second.is_file(), "the second experiment waited for the first one's held run"
+        assert not (held / "results.json").exists() and worker.is_alive()
+    finally:
+        holder.kill()
+        holder.wait()
+    worker.join(timeout=300)
+    assert result.get("rc") == 0
+    assert (held / "results.json").is_file() and (out / "first" / "results.md").is_file()

@@ -143,6 +143,9 @@ class MethodConfig:
     (A.dir x sqrt(3), B.mag x sqrt(r)); see docs/methods.md."""
     freeze_a_mag: bool = False
     local_train_b_dir: bool = False
+    share_b_dir: bool = True
+    """Upload and aggregate B's direction (default). false keeps it on the client next to B.mag, so only A
+    travels: the literal reading "A carries the shared knowledge" (see docs/methods.md)."""
     share_b_mag: bool = False
     """Also keep a global B.mag (trained in the global phase and aggregated) besides the personal one."""
     b_mag_init: float = 0.0

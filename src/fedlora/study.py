@@ -45,7 +45,6 @@ def load_spec(path: str) -> dict:
 def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, console: Console,
               overrides: list[str] | None = None) -> Path:
     """Run the spec's experiments (or `only` those); `overrides` apply to every run (e.g. threads=1)."""
-    from .cli import _aggregate_rows
     from .config import load_config
     from .runner import Session, run_experiment
 
@@ -58,6 +57,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     session = None
+    plans = []
     for name, exp in spec["experiments"].items():
         if only and name not in only:
             continue
@@ -66,63 +66,50 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         seeds = exp.get("seeds", spec.get("seeds", [0]))
         if quick:
             seeds = seeds[:1]
-        base = load_config(exp["config"], sets)
+        base = load_config(exp["config"], sets)  # a bad spec fails here, before anything runs
         if session is None:
             session = Session(base, console)
-        entries = [_method_entry(e) for e in exp["methods"]]
-        announced: set[Path] = set()
+        plans.append((name, exp, sets, seeds, [_method_entry(e) for e in exp["methods"]]))
+    announced: set[Path] = set()
 
-        def finished_or_run(label: str, extra: list[str], seed: int) -> bool:
-            """True once the run is finished (by this process now, or before, or by another process)."""
-            run_dir = root / name / label / f"seed_{seed}"
-            if (run_dir / "results.json").is_file():
-                if run_dir not in announced:
-                    console.print(f"[dim]{name}/{label}/seed_{seed}: done, skipped")
-                announced.add(run_dir)
-                return True
-            if not _claim(run_dir):
-                return False  # another live process is running it
-            cfg = load_config(exp["config"], sets + extra + [f"seed={seed}"])
-            cfg.output.dir = str(run_dir)
-            res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run restarts from scratch
-            _claim(run_dir)  # prepare_run_dir emptied the directory
-            console.rule(f"{name}: {label} (seed {seed})")
-            run_experiment(session, cfg, run_dir, show_partition=False)
-            (run_dir / CLAIM).unlink(missing_ok=True)
+    def finished_or_run(name: str, exp: dict, sets: list[str], label: str, extra: list[str], seed: int) -> bool:
+        """True once the run is finished (by this process now, or before, or by another process)."""
+        run_dir = root / name / label / f"seed_{seed}"
+        if (run_dir / "results.json").is_file():
+            if run_dir not in announced:
+                console.print(f"[dim]{name}/{label}/seed_{seed}: done, skipped")
             announced.add(run_dir)
             return True
+        if not _claim(run_dir):
+            return False  # another live process is running it
+        cfg = load_config(exp["config"], sets + extra + [f"seed={seed}"])
+        cfg.output.dir = str(run_dir)
+        res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run restarts from scratch
+        _claim(run_dir)  # prepare_run_dir emptied the directory
+        console.rule(f"{name}: {label} (seed {seed})")
+        run_experiment(session, cfg, run_dir, show_partition=False)
+        (run_dir / CLAIM).unlink(missing_ok=True)
+        announced.add(run_dir)
+        return True
 
-        while True:
+    # Every free run of every experiment first; an experiment's tables are written once all its runs are
+    # finished, so a process waits for another's runs only when nothing is left for it to run.
+    while plans:
+        pending = []
+        for plan in plans:
+            name, exp, sets, seeds, entries = plan
             waiting = [(label, seed) for label, extra in entries for seed in seeds
-                       if not finished_or_run(label, extra, seed)]
-            if not waiting:
-                break
-            console.print(f"[dim]{name}: waiting for {len(waiting)} run(s) of another process "
-                          f"({', '.join(f'{l}/seed_{s}' for l, s in waiting[:3])}{' ...' if len(waiting) > 3 else ''})")
+                       if not finished_or_run(name, exp, sets, label, extra, seed)]
+            if waiting:
+                pending.append(plan)
+                console.print(f"[dim]{name}: waiting for {len(waiting)} run(s) of another process "
+                              f"({', '.join(f'{l}/seed_{s}' for l, s in waiting[:3])}"
+                              f"{' ...' if len(waiting) > 3 else ''})")
+            else:
+                _write_experiment_tables(root, name, exp, spec, sets, seeds, entries)
+        plans = pending
+        if plans:
             time.sleep(10)
-        rows, histories, by_label = [], {}, {}
-        for label, _ in entries:
-            per_seed = [json.loads((root / name / label / f"seed_{seed}" / "results.json").read_text())["summary"]
-                        for seed in seeds]
-            by_label[label] = dict(zip(seeds, per_seed))
-            agg = _aggregate_rows(per_seed)
-            agg["method"] = label
-            rows.append(agg)
-            histories[label] = [json.loads(x) for x in
-                                (root / name / label / f"seed_{seeds[0]}" / "metrics.jsonl").read_text().splitlines()]
-        table = res.results_table(rows)
-        reference = exp.get("paired_with", spec.get("paired_with"))
-        if reference in by_label and len(by_label) > 1:
-            paired = paired_differences(by_label, reference)
-            table += "\n" + paired_table(paired, reference, len(seeds))
-        else:
-            paired = None
-        res.write_json(root / name / "results.json", {"rows": rows, "seeds": seeds, "sets": sets,
-                                                      "paired_with": reference if paired else None,
-                                                      "paired": paired})
-        (root / name / "results.md").write_text(table)
-        res.plot_curves(histories, root / name / "curves.png")
-        res.plot_per_client(rows, root / name / "per_client_local.png")
     tables = []
     for name, exp in spec["experiments"].items():  # every finished experiment, also those of other processes
         done = root / name / "results.json"
@@ -133,6 +120,35 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
+
+
+def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets: list[str], seeds: list[int],
+                             entries: list[tuple[str, list[str]]]) -> None:
+    """results.md / results.json / plots of one experiment from its runs' results files."""
+    from .cli import _aggregate_rows
+
+    rows, histories, by_label = [], {}, {}
+    for label, _ in entries:
+        per_seed = [json.loads((root / name / label / f"seed_{seed}" / "results.json").read_text())["summary"]
+                    for seed in seeds]
+        by_label[label] = dict(zip(seeds, per_seed))
+        agg = _aggregate_rows(per_seed)
+        agg["method"] = label
+        rows.append(agg)
+        histories[label] = [json.loads(x) for x in
+                            (root / name / label / f"seed_{seeds[0]}" / "metrics.jsonl").read_text().splitlines()]
+    table = res.results_table(rows)
+    reference = exp.get("paired_with", spec.get("paired_with"))
+    if reference in by_label and len(by_label) > 1:
+        paired = paired_differences(by_label, reference)
+        table += "\n" + paired_table(paired, reference, len(seeds))
+    else:
+        paired = None
+    res.write_json(root / name / "results.json", {"rows": rows, "seeds": seeds, "sets": sets,
+                                                  "paired_with": reference if paired else None, "paired": paired})
+    (root / name / "results.md").write_text(table)
+    res.plot_curves(histories, root / name / "curves.png")
+    res.plot_per_client(rows, root / name / "per_client_local.png")
 
 
 CLAIM = ".claimed"

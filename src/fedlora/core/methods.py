@@ -108,11 +108,13 @@ def fedlora_opt(opts, rank: int = 8) -> Method:
         return {c: float(opts_mult.get(c, 1.0)) for c in comps}
 
     global_comps = ["A.dir", "B.dir", "B.mag"] + ([] if opts.freeze_a_mag else ["A.mag"])
-    shared = {"A.dir", "B.dir"} | ({"A.mag"} if not opts.freeze_a_mag else set())
+    shared = {"A.dir"} | ({"A.mag"} if not opts.freeze_a_mag else set())
+    if opts.share_b_dir:
+        shared.add("B.dir")
     if opts.share_b_mag:
         shared.add("B.mag")
     local = ["B.mag"] + (["B.dir"] if opts.local_train_b_dir else [])
-    personal = set(local)
+    personal = set(local) | (set() if opts.share_b_dir else {"B.dir"})
     return Method(
         name="fedlora_opt",
         adapter="magdir",
