@@ -171,3 +171,34 @@ def real_tokens(batches) -> int:
 
 def padded_tokens(batches) -> int:
     return sum(len(mb) * max(len(x.input_ids) for x in mb) for step in batches for mb in step)
+
+
+def plain_loop(am, params: list, batches, *, lr: float, max_grad_norm, pad_id: int, full_vocab: bool = True,
+               fused: bool = False, sync_each: bool = False) -> None:
+    """A plain PEFT training loop over `batches` (steps of micro-batches): one AdamW, the loss, clipping, nothing else.
+
+    The caller makes `params` trainable. full_vocab: `model(**batch, labels=labels).loss` (logits at every
+    position) instead of the project's response-only head; fused: the project's AdamW implementation instead of
+    torch's default; sync_each: read the loss on the host after every micro-batch, as the loop did before the
+    performance work.
+    """
+    from fedlora.training import _adamw_impl, collate, response_loss
+
+    opt = torch.optim.AdamW(params, lr=lr, **(_adamw_impl({"all": params}) if fused else {}))
+    am.model.train()
+    for step in batches:
+        for mb in step:
+            b = collate(mb, pad_id, am.device)
+            if full_vocab:
+                loss = am.model(**b).loss
+            else:
+                loss_sum, n = response_loss(am, b)
+                loss = loss_sum / max(1, n)
+            if sync_each:
+                float(loss.detach())
+            loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    am.model.eval()

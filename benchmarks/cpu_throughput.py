@@ -28,32 +28,7 @@ import torch
 import common
 from fedlora.adapters import AdapterModel
 from fedlora.data.prompts import PromptFormatter
-from fedlora.training import collate, phase_rng, response_loss, sample_batches, train_phase
-
-
-def old_loop(am: AdapterModel, batches, *, full_vocab: bool, lr: float, max_grad_norm, pad_id: int) -> None:
-    """The client loop before this work (per-tensor AdamW, a host sync per micro-batch), with either loss."""
-    groups = am.set_trainable(["A", "B"])
-    params = [p for ps in groups.values() for p in ps]
-    opt = torch.optim.AdamW(params, lr=lr)
-    am.model.train()
-    for step in batches:
-        encoded = [collate(mb, pad_id, am.device) for mb in step]
-        for b in encoded:
-            if full_vocab:
-                loss = am.model(**b).loss
-                float(loss.detach())
-            else:
-                loss_sum, n = response_loss(am, b)
-                loss = loss_sum / max(1, n)
-                float(loss_sum.detach())
-            loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    am.model.eval()
-    am.set_trainable(())
+from fedlora.training import phase_rng, sample_batches, train_phase
 
 
 def main() -> None:
@@ -85,15 +60,22 @@ def main() -> None:
           f"padded {common.padded_tokens(plain)} (random batches) vs {common.padded_tokens(bucketed)} (bucketed)")
     print(common.describe(device, dtype))
     am = AdapterModel(base, "lora", cfg.lora, seed=0)
-    kw = dict(lr=t.lr, max_grad_norm=t.max_grad_norm, pad_id=tok.pad_token_id)
+    kw = dict(lr=t.lr, max_grad_norm=t.max_grad_norm, pad_id=tok.pad_token_id, sync_each=True)
+
+    def old_loop(batches, full_vocab: bool):
+        """The client loop before the performance work: per-tensor AdamW, a host sync per micro-batch."""
+        torch.set_num_threads(threads)
+        params = [p for ps in am.set_trainable(["A", "B"]).values() for p in ps]
+        common.plain_loop(am, params, batches, full_vocab=full_vocab, **kw)
+        am.set_trainable(())
 
     def project(am_, batches, n_threads):
         torch.set_num_threads(n_threads)
         train_phase(am_, batches, {"A": 1.0, "B": 1.0}, lr=t.lr, train_cfg=t, pad_id=tok.pad_token_id)
 
     arms = {
-        "naive": lambda b: (torch.set_num_threads(threads), old_loop(am, b, full_vocab=True, **kw)),
-        "resp-head": lambda b: (torch.set_num_threads(threads), old_loop(am, b, full_vocab=False, **kw)),
+        "naive": lambda b: old_loop(b, full_vocab=True),
+        "resp-head": lambda b: old_loop(b, full_vocab=False),
         "project": lambda b: project(am, b, threads),
         "bucketed": lambda b: project(am, b if b is not None else bucketed, threads),
     }

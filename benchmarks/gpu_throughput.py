@@ -20,22 +20,7 @@ import torch
 import common
 from fedlora.adapters import AdapterModel
 from fedlora.data.prompts import PromptFormatter
-from fedlora.training import collate, phase_rng, sample_batches, train_phase
-
-
-def naive_loop(am: AdapterModel, batches, *, lr: float, max_grad_norm, pad_id: int) -> None:
-    params = [p for ps in am.set_trainable(["A", "B"]).values() for p in ps]
-    opt = torch.optim.AdamW(params, lr=lr)
-    am.model.train()
-    for step in batches:
-        for mb in step:
-            am.model(**collate(mb, pad_id, am.device)).loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    am.model.eval()
-    am.set_trainable(())
+from fedlora.training import phase_rng, sample_batches, train_phase
 
 
 def main() -> None:
@@ -70,16 +55,20 @@ def main() -> None:
                 peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
         return run
 
+    def naive_loop(batches):
+        params = [p for ps in am.set_trainable(["A", "B"]).values() for p in ps]
+        common.plain_loop(am, params, batches, lr=t.lr, max_grad_norm=t.max_grad_norm, pad_id=tok.pad_token_id)
+        am.set_trainable(())
+
     def project(batches):
         train_phase(am, batches, {"A": 1.0, "B": 1.0}, lr=t.lr, train_cfg=t, pad_id=tok.pad_token_id)
 
     arms = {
-        "naive": arm("naive", lambda: naive_loop(am, plain, lr=t.lr, max_grad_norm=t.max_grad_norm,
-                                                 pad_id=tok.pad_token_id)),
+        "naive": arm("naive", lambda: naive_loop(plain)),
         "project": arm("project", lambda: project(plain)),
         "bucketed": arm("bucketed", lambda: project(bucketed)),
     }
-    naive_loop(am, plain[:1], lr=t.lr, max_grad_norm=t.max_grad_norm, pad_id=tok.pad_token_id)  # warm-up
+    naive_loop(plain[:1])  # warm-up
     project(plain[:1])
     times = common.interleaved(arms, args.repeats, device, warmup=0)
     cpu = device.type == "cpu"

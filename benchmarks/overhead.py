@@ -26,7 +26,7 @@ import common
 from fedlora import client as client_mod
 from fedlora.client import GLOBAL_PHASE, LOCAL_PHASE
 from fedlora.simulation import Simulation
-from fedlora.training import PhaseStats, _adamw_impl, collate, phase_rng, response_loss, sample_batches
+from fedlora.training import PhaseStats, _adamw_impl, phase_rng, sample_batches
 
 
 def round_batches(sim: Simulation, rnd: int) -> list[list[list]]:
@@ -43,29 +43,7 @@ def round_batches(sim: Simulation, rnd: int) -> list[list[list]]:
     return out
 
 
-def plain_loop(am, batches, *, naive: bool, lr: float, max_grad_norm, pad_id: int) -> None:
-    """One model, one AdamW, the steps: nothing else."""
-    params = list(am.params.values())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, **({} if naive else _adamw_impl({"all": params})))
-    am.model.train()
-    for step in batches:
-        for mb in step:
-            b = collate(mb, pad_id, am.device)
-            if naive:
-                loss = am.model(**b).loss
-            else:
-                loss_sum, n = response_loss(am, b)
-                loss = loss_sum / max(1, n)
-            loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    am.model.eval()
-    for p in params:
-        p.requires_grad_(False)
+
 
 
 def stub_train_phase(am, batches, trainable, *, lr, train_cfg, pad_id, loss_terms=(), anchor=None, torch_seed=0):
@@ -114,12 +92,20 @@ def main() -> None:
         finally:
             client_mod.train_phase = real
 
+    def plain_loop(naive: bool) -> None:
+        """One model, one AdamW, the steps: nothing else."""
+        params = list(sim.am.params.values())
+        for p in params:
+            p.requires_grad_(True)
+        common.plain_loop(sim.am, params, batches, lr=t.lr, max_grad_norm=t.max_grad_norm, pad_id=tok.pad_token_id,
+                          full_vocab=naive, fused=not naive)
+        for p in params:
+            p.requires_grad_(False)
+
     arms = {
         "round": fed_round,
-        "plain-naive": lambda: plain_loop(sim.am, batches, naive=True, lr=t.lr, max_grad_norm=t.max_grad_norm,
-                                          pad_id=tok.pad_token_id),
-        "plain-same": lambda: plain_loop(sim.am, batches, naive=False, lr=t.lr, max_grad_norm=t.max_grad_norm,
-                                         pad_id=tok.pad_token_id),
+        "plain-naive": lambda: plain_loop(naive=True),
+        "plain-same": lambda: plain_loop(naive=False),
         "machinery": machinery,
     }
     times = common.interleaved(arms, args.repeats, device)
