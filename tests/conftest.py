@@ -24,6 +24,16 @@ def base(tok):
     return tiny_model(len(tok))
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny random model saved as a model directory, for the CLI (`--set model.name=DIR`)."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    tok = tiny_tokenizer()
+    tiny_model(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 def small_cfg(*overrides: str):
     """A tiny-but-real config: real Dolly rows, 3 clients, 2 rounds, a few steps."""
     return load_config(None, [

@@ -9,7 +9,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from fedlora.cli import main  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
@@ -165,15 +164,6 @@ def test_rouge_l_takes_the_best_of_several_references():
 
 # ---------------------------------------------------------------------------------------------
 # a run end to end on the tiny model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_model")
-    tok = tiny_tokenizer()
-    tiny_model(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 @real_data

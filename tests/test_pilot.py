@@ -29,15 +29,6 @@ needs_ni = pytest.mark.skipif(not (NI / "tasks").is_dir(), reason="shared Natura
 SMALL = ["max_length=64", "train.batch_size=2", "lora.dropout=0.0", "train.lr=0.001"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_model")
-    tok = tiny_tokenizer()
-    tiny_model(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def examples(label: str, n: int = 8) -> list[Example]:
     return [Example(f"Say {label}.", f"number {i}", f"{label} {i} {label}", label) for i in range(n)]
 

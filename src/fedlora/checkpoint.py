@@ -91,7 +91,7 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -125,7 +125,7 @@ class CheckpointStore:
         _write(tmp / "metrics.jsonl", "".join(metrics).encode())
         _write(tmp / "config.yaml", config_yaml.encode())
         fault_point("checkpoint", rnd)  # the files are written, the manifest is not: a torn checkpoint
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "round": rnd, "fingerprint": fingerprint, "elapsed": elapsed,
                     "written": time.time(), "files": files}
         _write(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
@@ -178,7 +178,7 @@ class CheckpointStore:
             p = path / fname
             if not isinstance(info, dict) or not p.is_file():
                 return f"{fname} is missing"
-            if p.stat().st_size != info.get("bytes") or _sha256(p) != info.get("sha256"):
+            if p.stat().st_size != info.get("bytes") or file_sha256(p) != info.get("sha256"):
                 return f"{fname} does not match the manifest"
         return None
 

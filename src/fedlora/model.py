@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import file_sha256
 from .errors import ModelError
 
 log = logging.getLogger("fedlora.model")
@@ -51,14 +51,6 @@ def embedded_gguf_dir() -> Path:
     return d
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def ensure_embedded_model(cache_dir: str | None = None) -> Path:
     """Dequantize the GGUF into a plain safetensors checkpoint once; later loads take well under a second."""
     target = cache_root(cache_dir) / "SmolLM2-135M-Instruct-f32"
@@ -67,7 +59,7 @@ def ensure_embedded_model(cache_dir: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = embedded_gguf_dir()
-    digest = _sha256(src / EMBEDDED_FILE)
+    digest = file_sha256(src / EMBEDDED_FILE)
     if digest != EMBEDDED_SHA256:
         raise ModelError(f"{src / EMBEDDED_FILE} has sha256 {digest}, expected {EMBEDDED_SHA256}")
     log.info("converting the embedded GGUF model once into %s", target)
