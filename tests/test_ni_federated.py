@@ -166,21 +166,36 @@ def test_rouge_l_takes_the_best_of_several_references():
 # a run end to end on the tiny model
 
 
+def _ni_tiny_args(tiny_dir, out) -> list[str]:
+    """configs/ni.yaml on the tiny model, one short round."""
+    sets = [f"data.path={NI}", f"model.name={tiny_dir}", "clients=2", "rounds=1", "local_steps=1",
+            "personal_steps=1", "train.batch_size=2", "max_length=64", "max_instances_per_task=20",
+            "global_test_per_label=2", "max_examples_per_client=2", "max_global_examples=6", "max_gen_examples=1",
+            "max_new_tokens=2", "save_adapters=false", "plots=false"]
+    return ["--config", str(REPO / "configs" / "ni.yaml"), "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+
+
 @real_data
 def test_run_on_the_ni_config_reports_unseen_tasks(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([
-        "run", "--config", str(REPO / "configs" / "ni.yaml"), "--out", str(out),
-        "--set", f"data.path={NI}", "--set", f"model.name={tiny_dir}", "--set", "clients=2", "--set", "rounds=1",
-        "--set", "local_steps=1", "--set", "personal_steps=1", "--set", "train.batch_size=2",
-        "--set", "max_length=64", "--set", "max_instances_per_task=20", "--set", "global_test_per_label=2",
-        "--set", "max_examples_per_client=2", "--set", "max_global_examples=6", "--set", "max_gen_examples=1",
-        "--set", "max_new_tokens=2", "--set", "save_adapters=false", "--set", "plots=false",
-    ])
+    code = main(["run", *_ni_tiny_args(tiny_dir, out)])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "results.json").read_text())
     last = result["history"][-1]["eval"]
     assert set(last["unseen"]["per_label"]) == official_test_tasks()
     assert not set(last["unseen"]["per_label"]) & set(last["global"]["per_label"])
     assert result["summary"]["unseen_loss"] is not None
+    assert "unseen-task ROUGE-L" in (out / "results.md").read_text()
+
+
+@real_data
+def test_compare_on_the_ni_config(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", *_ni_tiny_args(tiny_dir, out), "--methods", "fedit,fedlora_opt"])
+    assert code == 0, capsys.readouterr().err
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"fedit", "fedlora_opt"}
+    for r in rows.values():
+        assert r["unseen_loss"] is not None and r["global_loss"] is not None and r["local_loss"] is not None
+    assert rows["fedit"]["global_loss"] != rows["fedlora_opt"]["global_loss"]
     assert "unseen-task ROUGE-L" in (out / "results.md").read_text()
