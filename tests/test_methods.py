@@ -234,3 +234,14 @@ def test_length_buckets_option_trains_the_same_rows(tok):
         res = sim.client.global_phase(0, 1, sim.server.shared_state(), None, sim.train_rows[0])
         out[flag] = res.stats
     assert out["true"].examples == out["false"].examples and out["true"].steps == out["false"].steps
+
+
+def test_local_lr_mult_scales_only_the_local_phase():
+    from fedlora.config import MethodConfig
+    from fedlora.core.methods import METHODS
+
+    one = METHODS["fedlora_opt"](MethodConfig(local_lr_mult=1.0))
+    ten = METHODS["fedlora_opt"](MethodConfig(local_lr_mult=10.0))
+    assert ten.global_train == one.global_train
+    assert set(ten.local_train) == set(one.local_train) == {"B.mag"}
+    assert ten.local_train["B.mag"] == pytest.approx(10.0 * one.local_train["B.mag"])

@@ -142,6 +142,9 @@ class MethodConfig:
     """Default multipliers that make magnitude/direction factors learn as fast as plain LoRA factors
     (A.dir x sqrt(3), B.mag x sqrt(r)); see docs/methods.md."""
     freeze_a_mag: bool = False
+    local_lr_mult: float = 1.0
+    """fedlora_opt: learning-rate multiplier of the local phase (the local optimizer of the personal B.mag), on
+    top of lr_match and lr_mult; the global phase is unchanged. See docs/methods.md."""
     local_train_b_dir: bool = False
     share_b_dir: bool = True
     """Upload and aggregate B's direction (default). false keeps it on the client next to B.mag, so only A
@@ -479,6 +482,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("eval.split: 'validation' needs data.validation_fraction > 0")
     _positive("method_options.prox_mu", cfg.method_options.prox_mu, allow_zero=True)
     _positive("method_options.b_dir_init_norm", cfg.method_options.b_dir_init_norm)
+    _positive("method_options.local_lr_mult", cfg.method_options.local_lr_mult)
     from .core.components import ALL_COMPONENTS
 
     for comp, mult in cfg.method_options.lr_mult.items():

@@ -121,7 +121,7 @@ def fedlora_opt(opts, rank: int = 8) -> Method:
         global_train=_m(global_comps),
         shared=frozenset(shared),
         personal=frozenset(personal),
-        local_train=_m(local),
+        local_train={c: m * opts.local_lr_mult for c, m in _m(local).items()},
         personal_mode=opts.personal_mode,
         summary="magnitude/direction LoRA; global phase trains the decomposed adapter and shares A (and B.dir); "
         "local phase trains the personal B.mag, which never leaves the client",
