@@ -26,7 +26,9 @@ def spec(tmp_path):
     (tmp_path / "spec.yaml").write_text(
         "seeds: [0, 1]\npaired_with: fedit\nexperiments:\n"
         f"  small:\n    description: two methods\n    config: {tmp_path / 'base.yaml'}\n"
-        "    methods: [fedit, {label: fedlora_cols, method: fedlora_opt, set: [norm_axis_a=cols]}]\n")
+        "    methods: [fedit, {label: fedlora_cols, method: fedlora_opt, set: [norm_axis_a=cols]}]\n"
+        f"  both_refs:\n    description: paired with two references\n    config: {tmp_path / 'base.yaml'}\n"
+        "    paired_with: [fedit, fedlora_opt]\n    seeds: [0]\n    methods: [fedit, fedlora_opt, fedsa]\n")
     return tmp_path
 
 
@@ -45,6 +47,14 @@ def test_study_runs_every_method_and_seed_then_skips_them(spec, capsys):
     d = summary["paired"]["fedlora_cols"]["global_loss"]
     assert d["seeds"] == 2 and len(d["per_seed"]) == 2
     assert "## small" in (out / "summary.md").read_text()
+    both = json.loads((out / "both_refs" / "results.json").read_text())
+    assert both["paired_with"] == "fedit" and set(both["paired"]) == {"fedlora_opt", "fedsa"}
+    assert set(both["paired_also"]) == {"fedlora_opt"} and set(both["paired_also"]["fedlora_opt"]) == {"fedit", "fedsa"}
+    fedsa_vs_fedit = both["paired"]["fedsa"]["global_loss"]["mean"]
+    fedsa_vs_opt = both["paired_also"]["fedlora_opt"]["fedsa"]["global_loss"]["mean"]
+    opt_vs_fedit = both["paired"]["fedlora_opt"]["global_loss"]["mean"]
+    assert fedsa_vs_opt == pytest.approx(fedsa_vs_fedit - opt_vs_fedit)
+    assert "Paired by seed against fedlora_opt" in (out / "both_refs" / "results.md").read_text()
     capsys.readouterr()
 
     # a second run finds every run finished and only rebuilds the tables
@@ -57,7 +67,7 @@ def test_study_runs_every_method_and_seed_then_skips_them(spec, capsys):
 def test_study_bad_input_is_one_line(spec, capsys):
     assert main(["study", "--spec", str(spec / "spec.yaml"), "--only", "nope"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: --only: no experiment 'nope' in {spec / 'spec.yaml'}; it has small"]
+        f"error: --only: no experiment 'nope' in {spec / 'spec.yaml'}; it has small, both_refs"]
     assert main(["study", "--spec", str(spec / "missing.yaml")]) == 2
     assert "study spec not found" in capsys.readouterr().err
 

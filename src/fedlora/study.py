@@ -138,14 +138,18 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
         histories[label] = [json.loads(x) for x in
                             (root / name / label / f"seed_{seeds[0]}" / "metrics.jsonl").read_text().splitlines()]
     table = res.results_table(rows)
-    reference = exp.get("paired_with", spec.get("paired_with"))
-    if reference in by_label and len(by_label) > 1:
-        paired = paired_differences(by_label, reference)
-        table += "\n" + paired_table(paired, reference, len(seeds))
-    else:
-        paired = None
-    res.write_json(root / name / "results.json", {"rows": rows, "seeds": seeds, "sets": sets,
-                                                  "paired_with": reference if paired else None, "paired": paired})
+    references = exp.get("paired_with", spec.get("paired_with")) or []
+    references = [references] if isinstance(references, str) else list(references)
+    paired_by_ref = {ref: paired_differences(by_label, ref) for ref in references if ref in by_label}
+    if len(by_label) < 2:
+        paired_by_ref = {}
+    for ref, paired in paired_by_ref.items():
+        table += "\n" + paired_table(paired, ref, len(seeds))
+    # the first reference under "paired" (the format of earlier studies), any further ones under "paired_also"
+    first = next(iter(paired_by_ref), None)
+    res.write_json(root / name / "results.json", {
+        "rows": rows, "seeds": seeds, "sets": sets, "paired_with": first,
+        "paired": paired_by_ref.get(first), "paired_also": {r: p for r, p in paired_by_ref.items() if r != first}})
     (root / name / "results.md").write_text(table)
     res.plot_curves(histories, root / name / "curves.png")
     res.plot_per_client(rows, root / name / "per_client_local.png")
