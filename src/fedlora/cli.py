@@ -198,7 +198,7 @@ def cmd_compare(args, console: Console) -> int:
             "shared components + mean of the clients' personal components, built for evaluation only.\n")
     (out / "results.md").write_text(table + "\n" + note)
     res.plot_curves(histories, out / "curves.png")
-    res.plot_per_client(rows, out / "per_client_local.png")
+    res.plot_per_client(rows, out / "per_client_local.png", seeds)
     print()
     print(table)
     print(note)

@@ -133,7 +133,7 @@ def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
     return out
 
 
-def plot_per_client(rows: list[dict], out: Path) -> Path:
+def plot_per_client(rows: list[dict], out: Path, seeds: list[int] | None = None) -> Path:
     """Each client's local loss (its personalized model on its own test split), per method: one dot per client
     and seed (colour = seed), the method's mean as a bar. Seeds change the partition, so client c of one seed is
     not client c of another; the dots show the spread over clients, the bar the level."""
@@ -153,7 +153,8 @@ def plot_per_client(rows: list[dict], out: Path) -> Path:
             values += vals
             offsets = [i + (c - (len(vals) - 1) / 2) * 0.5 / max(1, len(vals)) for c in range(len(vals))]
             ax.scatter(offsets, vals, s=14, color=colours[s % len(colours)],
-                       label=f"seed {s + 1}" if i == 0 and len(per_seed) > 1 else None, zorder=3)
+                       label=(f"seed {seeds[s]}" if seeds and s < len(seeds) else f"seed #{s + 1}")
+                       if i == 0 and len(per_seed) > 1 else None, zorder=3)
         mean = [v for vals in per_seed for v in vals if v is not None]
         if mean:
             m = sum(mean) / len(mean)

@@ -152,7 +152,7 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
         "paired": paired_by_ref.get(first), "paired_also": {r: p for r, p in paired_by_ref.items() if r != first}})
     (root / name / "results.md").write_text(table)
     res.plot_curves(histories, root / name / "curves.png")
-    res.plot_per_client(rows, root / name / "per_client_local.png")
+    res.plot_per_client(rows, root / name / "per_client_local.png", seeds)
 
 
 CLAIM = ".claimed"
