@@ -140,9 +140,8 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
     table = res.results_table(rows)
     references = exp.get("paired_with", spec.get("paired_with")) or []
     references = [references] if isinstance(references, str) else list(references)
-    paired_by_ref = {ref: paired_differences(by_label, ref) for ref in references if ref in by_label}
-    if len(by_label) < 2:
-        paired_by_ref = {}
+    paired_by_ref = ({ref: paired_differences(by_label, ref) for ref in references if ref in by_label}
+                     if len(by_label) > 1 else {})
     for ref, paired in paired_by_ref.items():
         table += "\n" + paired_table(paired, ref, len(seeds))
     # the first reference under "paired" (the format of earlier studies), any further ones under "paired_also"
