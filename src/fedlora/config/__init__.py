@@ -1,0 +1,43 @@
+"""Typed run configuration: YAML file + `--set key=value` overrides, validated field by field.
+
+`schema` holds the sections (each validates its own fields) and `Config` (the cross-section rules);
+`parser` reads YAML and overrides (dotted or unique bare keys, "did you mean", renamed keys) and dumps.
+"""
+
+from .parser import (
+    RENAMED,
+    _apply,
+    _build,
+    _check_type,
+    _DuplicateKey,
+    _leaf_paths,
+    _parse_override,
+    _UniqueKeyLoader,
+    config_from_dict,
+    dump_config,
+    load_config,
+    rename_notice,
+    resolve_key,
+)
+from .schema import (
+    DEFAULT_DOLLY_PATH,
+    DOLLY_HUB_ID,
+    Config,
+    DataConfig,
+    EvalConfig,
+    FederationConfig,
+    LoraConfig,
+    MethodConfig,
+    ModelConfig,
+    OutputConfig,
+    TrainConfig,
+    _positive,
+    _suggest,
+    validate,
+)
+
+__all__ = [
+    "DEFAULT_DOLLY_PATH", "DOLLY_HUB_ID", "RENAMED", "Config", "DataConfig", "EvalConfig", "FederationConfig",
+    "LoraConfig", "MethodConfig", "ModelConfig", "OutputConfig", "TrainConfig", "config_from_dict", "dump_config",
+    "load_config", "rename_notice", "resolve_key", "validate",
+]
