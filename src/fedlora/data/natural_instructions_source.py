@@ -28,14 +28,8 @@ from pathlib import Path
 from ..config import DEFAULT_DOLLY_PATH
 from ..errors import DataError
 from .examples import Example
-from .natural_instructions import (
-    group_tasks_by_category,
-    load_ni_from_hub,
-    load_ni_task_categories,
-    load_ni_tasks,
-    read_split,
-    unseen_tasks,
-)
+from .natural_instructions import load_ni_from_hub, load_ni_task_categories, load_ni_tasks
+from .natural_instructions_splits import group_tasks_by_category, read_split, unseen_tasks
 
 Warn = Callable[[str], None]
 
