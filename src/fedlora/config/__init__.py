@@ -6,13 +6,6 @@
 
 from .parser import (
     RENAMED,
-    _apply,
-    _build,
-    _check_type,
-    _DuplicateKey,
-    _leaf_paths,
-    _parse_override,
-    _UniqueKeyLoader,
     config_from_dict,
     dump_config,
     load_config,
@@ -31,7 +24,6 @@ from .schema import (
     ModelConfig,
     OutputConfig,
     TrainConfig,
-    _positive,
     _suggest,
     validate,
 )
