@@ -30,7 +30,7 @@ VARIANTS = {
 
 def one_round(args, tok, base, method: str, extra: list[str]):
     targets = "[" + ",".join(args.targets.split(",")) + "]"
-    cfg = common.bench_config(args, f"method={method}", "clients=2", "fraction=1.0", "rounds=1", "local_steps=1",
+    cfg = common.bench_config(args, f"method={method}", "clients=2", "fraction=1.0", "rounds=1", "global_steps=1",
                               "personal_steps=1", "train.batch_size=1", "max_length=32", "max_rows=200",
                               "partition=iid", f"lora.target_modules={targets}", *extra)
     sim = Simulation(cfg, tok, base, common.load_data(cfg), log=lambda m: None)

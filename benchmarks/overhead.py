@@ -68,7 +68,7 @@ def main() -> None:
     args = p.parse_args()
     device, dtype = common.setup(args)
     cfg = common.bench_config(args, f"method={args.method}", f"clients={args.clients}", "fraction=1.0",
-                              f"local_steps={args.steps}", f"personal_steps={args.personal_steps}",
+                              f"global_steps={args.steps}", f"personal_steps={args.personal_steps}",
                               f"train.batch_size={args.batch_size}", f"max_length={args.max_length}",
                               f"max_rows={args.max_rows}", "partition=iid")
     tok, base = common.load_model(args, device, dtype)

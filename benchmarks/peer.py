@@ -128,7 +128,7 @@ def main() -> None:
     device, dtype = common.setup(args)
     targets = "[" + ",".join(args.targets.split(",")) + "]"
     cfg = common.bench_config(args, "method=fedit", f"clients={args.clients}", "fraction=1.0",
-                              f"rounds={args.rounds}", f"local_steps={args.steps}", "personal_steps=0",
+                              f"rounds={args.rounds}", f"global_steps={args.steps}", "personal_steps=0",
                               f"train.batch_size={args.batch_size}", f"max_length={args.max_length}",
                               "max_rows=600", "partition=iid", f"lora.target_modules={targets}")
     tok, base = common.load_model(args, device, dtype)

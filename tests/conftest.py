@@ -37,7 +37,7 @@ def tiny_dir(tmp_path_factory):
 def small_cfg(*overrides: str):
     """A tiny-but-real config: real Dolly rows, 3 clients, 2 rounds, a few steps."""
     return load_config(None, [
-        f"data.path={DOLLY}", "max_rows=240", "clients=3", "rounds=2", "local_steps=2", "personal_steps=2",
+        f"data.path={DOLLY}", "max_rows=240", "clients=3", "rounds=2", "global_steps=2", "personal_steps=2",
         "train.batch_size=2", "max_length=64", "max_examples_per_client=4", "max_global_examples=8",
         "max_gen_examples=2", "max_new_tokens=4", "global_test_per_label=2", "lora.dropout=0.0", *overrides,
     ])

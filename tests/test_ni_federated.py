@@ -168,7 +168,7 @@ def test_rouge_l_takes_the_best_of_several_references():
 
 def _ni_tiny_args(tiny_dir, out) -> list[str]:
     """configs/ni.yaml on the tiny model, one short round."""
-    sets = [f"data.path={NI}", f"model.name={tiny_dir}", "clients=2", "rounds=1", "local_steps=1",
+    sets = [f"data.path={NI}", f"model.name={tiny_dir}", "clients=2", "rounds=1", "global_steps=1",
             "personal_steps=1", "train.batch_size=2", "max_length=64", "max_instances_per_task=20",
             "global_test_per_label=2", "max_examples_per_client=2", "max_global_examples=6", "max_gen_examples=1",
             "max_new_tokens=2", "save_adapters=false", "plots=false"]

@@ -9,7 +9,7 @@ from peft import PeftModel
 from fedlora.cli import main
 from fedlora.model import ensure_embedded_model, load_base_model, load_tokenizer
 
-SMALL = ["clients=2", "rounds=1", "local_steps=2", "personal_steps=1", "train.batch_size=2", "max_rows=80",
+SMALL = ["clients=2", "rounds=1", "global_steps=2", "personal_steps=1", "train.batch_size=2", "max_rows=80",
          "max_length=96", "max_examples_per_client=2", "max_global_examples=8", "max_gen_examples=1",
          "max_new_tokens=8", "global_test_per_label=1", "eval.batch_size=4"]
 

@@ -42,7 +42,7 @@ seed: 3
 model: {{name: {model}, threads: 1}}
 data: {{path: {data}, max_length: 64, global_test_per_label: 2}}
 federation: {{clients: 3, rounds: 3, fraction: 0.67, server_optimizer: fedadam, server_lr: 0.01}}
-train: {{local_steps: 2, personal_steps: 2, batch_size: 2}}
+train: {{global_steps: 2, personal_steps: 2, batch_size: 2}}
 eval: {{max_examples_per_client: 4, max_global_examples: 8, max_gen_examples: 2, max_new_tokens: 4}}
 output: {{plots: false}}
 """

@@ -20,7 +20,7 @@ def spec(tmp_path):
         f"model: {{name: '{model}', device: cpu}}\n"
         f"data: {{path: '{DOLLY}', max_rows: 200, max_length: 48, global_test_per_label: 2}}\n"
         "federation: {clients: 2, rounds: 1}\n"
-        "train: {local_steps: 1, personal_steps: 1, batch_size: 2}\n"
+        "train: {global_steps: 1, personal_steps: 1, batch_size: 2}\n"
         "eval: {max_examples_per_client: 2, max_global_examples: 4, generate: false}\n"
         "output: {save_adapters: false, plots: false}\n")
     (tmp_path / "spec.yaml").write_text(
