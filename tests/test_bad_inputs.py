@@ -50,7 +50,7 @@ def _keep_torch_threads():
 
 
 def _base(model: Path, data: Path) -> list[str]:
-    sets = [f"data.path={data}", f"model.name={model}", "clients=3", "local_steps=1", "personal_steps=1",
+    sets = [f"data.path={data}", f"model.name={model}", "clients=3", "global_steps=1", "personal_steps=1",
             "train.batch_size=2", "max_length=64", "global_test_per_label=2", "max_examples_per_client=2",
             "max_global_examples=4", "max_gen_examples=0", "output.plots=false"]
     return [x for s in sets for x in ("--set", s)]
@@ -84,7 +84,7 @@ BAD_CONFIGS = [
     ("train:\n  lr: .nan\n", "train.lr: expected a finite number"),
     ("train:\n  grad_accum: 2.5\n", "train.grad_accum: expected an integer"),
     ("data:\n  alpha: .inf\n", "data.alpha: expected a finite number"),
-    ("method_options:\n  personal_mode: reset\n", "needs a global value"),
+    ("method_options:\n  personal_mode: reset\n  share_b_mag: false\n", "needs a global value"),
     ("model:\n  threads: 0\n", "model.threads"),
     ("- a\n- b\n", "expected a mapping at the top level"),
     ("seed: 1\nfederation:\n  rounds: 2\nseed: 2\n", "key 'seed' appears twice (line 4)"),

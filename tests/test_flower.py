@@ -145,7 +145,7 @@ def assets(tmp_path_factory):
     cfg = load_config(None, [
         "method=fedlora_opt", "seed=0", f"model.name={model}", "model.device=cpu", "model.threads=1",
         f"data.path={data}", "partition=dirichlet", "data.alpha=1.0", "max_length=64", "global_test_per_label=2",
-        "clients=3", "rounds=2", "local_steps=2", "personal_steps=2", "train.batch_size=2", "train.lr=0.01",
+        "clients=3", "rounds=2", "global_steps=2", "personal_steps=2", "train.batch_size=2", "train.lr=0.01",
         "max_examples_per_client=4", "max_global_examples=8", "max_gen_examples=1", "max_new_tokens=4",
     ])
     (d / "config.yaml").write_text(dump_config(cfg))
@@ -337,33 +337,43 @@ def make_message(kind: str, content, rnd: int = 1):
 
 
 def test_client_app_in_process_keeps_personal_state_in_context(assets, reference):
-    """The ClientApp's handlers called directly: same numbers as the simulator, B.mag only in Context.state."""
+    """The ClientApp's handlers called directly: same numbers as the simulator, B.mag only in Context.state,
+    and the upload does not depend on the personal state (nothing personal leaves the node, even by value)."""
     from flwr.app import ConfigRecord, Context, RecordDict
 
+    from fedlora.core.components import select
     from fedlora.flower import client_app, messages as M
-    from fedlora.flower.workspace import client_workspace
+    from fedlora.personal import ContextPersonalStore
 
     cfg, sim = assets["cfg"], reference
     threads = torch.get_num_threads()
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(),
                   run_config={})
-    server = client_workspace(cfg).sim.server  # a fresh Server: the initial global state
+    store = ContextPersonalStore(ctx)
+    initial = select(sim.am.init_state, sim.method.shared)  # what a fresh server sends in round 1
     conf = {"config": dump_config(cfg), "round": 1}
-    reply = client_app.app(make_message(M.GLOBAL, RecordDict({M.CONFIG: ConfigRecord(conf),
-                                                               M.SHARED: M.to_record(server.shared_state())})), ctx)
+
+    def global_phase():
+        return client_app.app(make_message(M.GLOBAL, RecordDict({M.CONFIG: ConfigRecord(conf),
+                                                                  M.SHARED: M.to_record(initial)})), ctx)
+
+    reply = global_phase()
     keys = list(reply.content[M.UPDATE].keys())
-    assert keys and {component_of(k) for k in keys} == {"A.dir", "A.mag", "B.dir"}
-    expected = sim.client.global_phase(2, 1, server.shared_state(), None, sim.train_rows[2])  # the simulator's call
+    assert keys and {component_of(k) for k in keys} == set(sim.method.shared)
+    expected = sim.client.global_phase(2, 1, initial, None, sim.train_rows[2])  # the simulator's call
     assert max_diff(M.from_record(reply.content[M.UPDATE], {}), expected.update.state) == 0.0
     assert not reply.content.config_records and set(reply.content.array_records) == {M.UPDATE}
-    first = dict(ctx.state[M.PERSONAL].to_torch_state_dict())
-    assert {component_of(k) for k in first} == {"B.mag"}
+    assert store.get(2) is None  # the global phase trains the global B.mag, not the personal one
     reply = client_app.app(make_message(M.LOCAL, RecordDict({
         M.CONFIG: ConfigRecord({**conf, "local": True, "evaluate": False}),
-        M.SHARED: M.to_record(server.shared_state())})), ctx)
+        M.SHARED: M.to_record(initial)})), ctx)
     assert not reply.content.array_records and "local-loss" in reply.content[M.METRICS]
-    after = ctx.state[M.PERSONAL].to_torch_state_dict()
-    assert any(not torch.equal(after[k], v) for k, v in first.items())
+    first = store.get(2)
+    assert first and {component_of(k) for k in first} == {"B.mag"}
+    assert list(ctx.state.array_records) == ["fedlora.personal.2"]
+    # a node with a trained personal B.mag uploads exactly what a fresh node uploads
+    again = global_phase()
+    assert max_diff(M.from_record(again.content[M.UPDATE], {}), expected.update.state) == 0.0
     torch.set_num_threads(threads)
 
 
@@ -488,7 +498,7 @@ def test_server_app_killed_mid_checkpoint_resumes_to_the_same_result(assets, ref
 
     # resuming with a different config is refused and changes nothing
     before = (out / "metrics.jsonl").read_bytes()
-    federation.run({**config, "resume": True, "set": "rounds=3 local_steps=3"}, out=out)
+    federation.run({**config, "resume": True, "set": "rounds=3 global_steps=3"}, out=out)
     assert (out / "metrics.jsonl").read_bytes() == before
     assert "the config differs from the run's (" in federation.procs.log(f"run{federation.runs}")
 

@@ -56,10 +56,48 @@ def test_fedsa_never_uploads_b(tok, base):
     assert not torch.equal(b[0][k], b[1][k])
 
 
-def test_fedlora_opt_invariants(tok, base):
-    sim = make_sim(tok, base, "fedlora_opt", "rounds=1")
+def test_fedlora_opt_default_has_a_global_b_mag_and_a_personal_offset(tok, base):
+    """The default: the server holds a global B.mag (so its global model is not the base model); each client's
+    personal B.mag is the new global B.mag plus a personal offset that persists and never travels."""
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=2")
+    ups = record_uploads(sim)
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    sim.am.load_state(sim.am.init_state)
+    base_logits = sim.am.model(x).logits.clone()
+    sim.run()
+    assert ups and all(components(u.state) == {"A.dir", "A.mag", "B.dir", "B.mag"} for u in ups)
+    g = sim.server.global_state
+    assert any(torch.count_nonzero(v) for v in select(g, {"B.mag"}).values())  # a real global B.mag
+    sim.am.load_state(g)
+    assert not torch.allclose(sim.am.model(x).logits, base_logits)  # the server's global model: delta W != 0
+    # personal state = offsets from the global B.mag, different per client; local model = global + offset
+    p = sim.personal
+    key = next(iter(p[0]))
+    assert {component_of(k) for k in p[0]} == {"B.mag"}
+    assert not torch.equal(p[0][key], p[1][key])
+    local = sim.local_state(0)
+    assert torch.allclose(local[key], g[key] + p[0][key])
+    assert all(torch.equal(local[k], g[k]) for k in g if component_of(k) != "B.mag")
+    # the offset persists: after another round's global step, the client's B.mag still carries it
+    before = {k: v.clone() for k, v in p[0].items()}
+    sim.cfg.federation.rounds = 3
+    sim.run(start_round=3)
+    assert not torch.equal(sim.personal[0][key], before[key])  # trained further from the kept offset
+
+
+def test_fedlora_opt_reset_mode_restarts_from_the_global_b_mag(tok, base):
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "personal_mode=reset", "personal_steps=0")
+    sim.run()
+    # no local steps: the local model is exactly the global model
+    assert all(torch.equal(sim.local_state(0)[k], v) for k, v in sim.server.global_state.items())
+
+
+def test_fedlora_opt_without_global_b_mag_keeps_it_personal(tok, base):
+    """share_b_mag=false, personal_mode=persist: B.mag never travels; the global model has B.mag = 0 (the base)."""
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "share_b_mag=false", "personal_mode=persist")
     ups = record_uploads(sim)
     sim.run()
+    assert all(torch.count_nonzero(v) == 0 for v in select(sim.server.global_state, {"B.mag"}).values())
     # never uploads B.mag
     assert ups and all("B.mag" not in components(u.state) for u in ups)
     assert all(components(u.state) == {"A.dir", "A.mag", "B.dir"} for u in ups)
@@ -95,7 +133,8 @@ def test_fedlora_opt_invariants(tok, base):
 
 
 def test_fedlora_opt_with_b_dir_kept_home_uploads_only_a(tok, base):
-    sim = make_sim(tok, base, "fedlora_opt", "rounds=2", "share_b_dir=false")
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=2", "share_b_dir=false", "share_b_mag=false",
+                   "personal_mode=persist")
     ups = record_uploads(sim)
     sim.run()
     assert ups and all(components(u.state) == {"A.dir", "A.mag"} for u in ups)

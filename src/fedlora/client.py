@@ -41,7 +41,7 @@ class FedClient:
         t = self.cfg.train
         if t.local_epochs is not None:
             return max(1, math.ceil(t.local_epochs * num_rows / (t.batch_size * t.grad_accum))) * scale
-        return t.local_steps * scale
+        return t.global_steps * scale
 
     def _seed(self, cid: int, rnd: int, phase: int) -> tuple[int, int, int, int]:
         return (self.cfg.seed, cid, rnd, phase)

@@ -107,8 +107,28 @@ def summary_row(method: str, history: list[dict], counts: dict, wall: float) -> 
     }
 
 
-def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
-    """Global and local loss / ROUGE-L over rounds, one line per method."""
+BASE_LABEL = "base model"
+_PANELS = {(0, 0): ("global", "loss"), (0, 1): ("local", "loss"), (1, 0): ("global", "rouge_l"),
+           (1, 1): ("local", "rouge_l")}
+
+
+def base_row(base_eval: dict) -> dict:
+    """The reference row: the untrained base model on the same global and local sets (nothing trained, nothing sent)."""
+    return {
+        "method": BASE_LABEL, "seeds": 1,
+        "global_loss": base_eval["global"]["loss"], "global_rouge_l": base_eval["global"]["rouge_l"],
+        "local_loss": base_eval["local"]["loss"], "local_rouge_l": base_eval["local"]["rouge_l"],
+        "unseen_loss": base_eval.get("unseen", {}).get("loss"),
+        "unseen_rouge_l": base_eval.get("unseen", {}).get("rouge_l"),
+        "bytes_up": 0, "bytes_down": 0, "trainable": 0, "communicated": 0, "personal": 0,
+        "wall_time": base_eval.get("wall_time", 0.0),
+        "per_client_local_loss": [c["loss"] for c in base_eval["local"]["per_client"]],
+        "per_client_local_rouge_l": [c["rouge_l"] for c in base_eval["local"]["per_client"]],
+    }
+
+
+def plot_curves(histories: dict[str, list[dict]], out: Path, base: dict | None = None) -> Path | None:
+    """Global and local loss / ROUGE-L over rounds, one line per method; the base model as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,14 +139,17 @@ def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
     for name, hist in histories.items():
         ev = [h for h in hist if h.get("eval")]
         x = [h["round"] for h in ev]
-        for (i, j), (scope, key) in {(0, 0): ("global", "loss"), (0, 1): ("local", "loss"),
-                                     (1, 0): ("global", "rouge_l"), (1, 1): ("local", "rouge_l")}.items():
+        for (i, j), (scope, key) in _PANELS.items():
             y = [h["eval"][scope][key] for h in ev]
             if any(v is None for v in y):
                 continue
             axes[i][j].plot(x, y, marker="o", label=name)
             axes[i][j].set_title(f"{scope} {key.replace('_', '-')}")
             axes[i][j].set_xlabel("round")
+    if base is not None:
+        for (i, j), (scope, key) in _PANELS.items():
+            if base[scope].get(key) is not None:
+                axes[i][j].axhline(base[scope][key], color="grey", linestyle="--", label=BASE_LABEL)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -229,7 +229,11 @@ class MethodConfig(_Section):
 
     norm_axis_a: Literal["rows", "cols"] = "rows"
     norm_axis_b: Literal["rows", "cols"] = "rows"
-    personal_mode: Literal["persist", "reset", "offset"] = "persist"
+    personal_mode: Literal["persist", "reset", "offset"] = "offset"
+    """fedlora_opt: how a client's personal B.mag relates to the server's global B.mag. `offset` (default): a
+    personal offset that persists across rounds, added to each round's new global B.mag; `reset`: the new global
+    B.mag fine-tuned afresh each round; `persist`: a personal value kept from round to round (the only mode
+    without a global B.mag, share_b_mag=false). See docs/methods.md."""
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Per-component learning-rate multipliers, e.g. {"A.mag": 10, "B.mag": 10}."""
     lr_match: bool = True
@@ -244,8 +248,10 @@ class MethodConfig(_Section):
     share_b_dir: bool = True
     """Upload and aggregate B's direction (default). false keeps it on the client next to B.mag, so only A
     travels: the literal reading "A carries the shared knowledge" (see docs/methods.md)."""
-    share_b_mag: bool = False
-    """Also keep a global B.mag (trained in the global phase and aggregated) besides the personal one."""
+    share_b_mag: bool = True
+    """fedlora_opt: the server holds a global B.mag (trained in the global phase, aggregated) besides each client's
+    personal one. false (with personal_mode=persist): no global B.mag; the global model then has B.mag at its
+    initial value 0, i.e. it is the base model (ΔW = 0)."""
     b_mag_init: float = 0.0
     b_dir_init_norm: float = 1e-3
     """Stored norm of B's initial random direction rows (the forward pass normalizes them; a small value lets

@@ -8,9 +8,7 @@ offsets from the global value in `offset` mode.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import torch
+from collections.abc import Mapping
 
 from .components import State, join, select
 from .methods import Method
@@ -58,15 +56,3 @@ def after_local_phase(method: Method, trained: Mapping, global_state: Mapping) -
 def local_model_state(method: Method, global_state: Mapping, personal: Mapping | None) -> State:
     """The client's personalized model: global adapter + its personal components."""
     return join(global_state, _personal_values(method, global_state, personal))
-
-
-def global_eval_state(method: Method, global_state: Mapping, personals: Sequence[Mapping | None]) -> State:
-    """The global model for evaluation: shared components plus the MEAN of the clients' personal values.
-
-    Clients that never trained contribute their initial value. Built for evaluation only.
-    """
-    if not method.personal or not personals:
-        return dict(global_state)
-    values = [_personal_values(method, global_state, p) for p in personals]
-    mean = {k: torch.stack([v[k].float() for v in values]).mean(0).to(values[0][k].dtype) for k in values[0]}
-    return join(global_state, mean)

@@ -1,9 +1,10 @@
-"""The Flower ClientApp: a thin shell over `FedClient` (see fedlora.flower.messages for the protocol).
+"""The Flower ClientApp: a thin shell over `ClientHost` (see fedlora.flower.messages for the protocol).
 
 A node is the client `partition-id` of the config the server sends; it builds the same federated
-data as the simulator and trains on that client's rows. Its personal components (e.g. B.mag of
-fedlora_opt) are kept in `Context.state`, persist across rounds on the node, and are never put in
-a reply: a global-phase reply holds only the method's shared components.
+data as the simulator and keeps that client's rows only (`workspace.client_host`). Its personal
+components (e.g. B.mag of fedlora_opt) are kept in `Context.state` (`personal.ContextPersonalStore`),
+persist across rounds on the node, and are never put in a reply: a global-phase reply holds only the
+method's shared components.
 
 With a node config export-dir, the node also writes its personal state after every round
 (export-dir/personal/round_<r>.pt, with export-dir/run.json naming the run's config). When the
@@ -18,7 +19,7 @@ import hashlib
 import json
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import messages as M
@@ -28,30 +29,40 @@ app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
-    """Node settings, this machine's config and the (cached) workspace for this message."""
-    from .workspace import client_workspace
+    """Node settings, this machine's config, and this node's client (cached per process) with its personal store."""
+    from ..personal import ContextPersonalStore
+    from .workspace import client_host
 
     node = NodeSettings.from_node_config(context.node_config)
     cfg = node.config(str(msg.content[M.CONFIG]["config"]))
-    return node, cfg, client_workspace(cfg)
+    host = client_host(cfg, node.partition_id)
+    host.store = ContextPersonalStore(context)
+    _restore_if_resumed(host, node, msg)
+    return node, cfg, host
+
+
+def _shared(msg: Message, host, cfg) -> dict:
+    """The server's shared state from the message, as the tensors (dtype, device) the wire format promises."""
+    from ..core.components import cast_floats, select, transfer_dtype
+
+    like = cast_floats(select(host.am.init_state, host.method.shared), transfer_dtype(cfg.federation.transfer_dtype))
+    return M.from_record(msg.content[M.SHARED], like)
 
 
 def _config_id(cfg_yaml: str) -> str:
     return hashlib.sha256(cfg_yaml.encode()).hexdigest()[:16]
 
 
-def _personal(context: Context, node: NodeSettings, msg: Message):
-    """This client's personal state: from the node's context, or after a resumed server, from export-dir."""
-    rec = context.state.array_records.get(M.PERSONAL)
-    if rec is not None:
-        return dict(rec.to_torch_state_dict())
+def _restore_if_resumed(host, node: NodeSettings, msg: Message) -> None:
+    """After a resumed server, a node that holds no personal state for this run reloads it from its export-dir."""
+    cid = node.partition_id
     conf = msg.content[M.CONFIG]
     resumed = int(conf["resume-round"]) if "resume-round" in conf else 0
-    if resumed <= 0:
-        return None
+    if resumed <= 0 or host.store.get(cid) is not None:
+        return
     restored = _restore_personal(node, resumed, _config_id(str(conf["config"])))
-    _keep_personal(context, restored)
-    return restored
+    if restored:
+        host.store.put(cid, restored)
 
 
 def _saved_config_id(export_dir) -> str | None:
@@ -82,11 +93,6 @@ def _restore_personal(node: NodeSettings, resumed: int, config_id: str):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _keep_personal(context: Context, personal) -> None:
-    if personal:
-        context.state[M.PERSONAL] = ArrayRecord({k: v.detach().cpu() for k, v in personal.items()})
-
-
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     """Which client this node is; checks its config and that its data is the server's. Loads no model."""
@@ -112,18 +118,11 @@ def setup(msg: Message, context: Context) -> Message:
 def train_global(msg: Message, context: Context) -> Message:
     """The global phase; the reply carries the shared components and nothing personal."""
     t0 = time.perf_counter()
-    node, cfg, ws = _setup(msg, context)
-    sim, cid = ws.sim, node.partition_id
+    node, cfg, host = _setup(msg, context)
+    cid = node.partition_id
     rnd = int(msg.content[M.CONFIG]["round"])
-    shared = M.from_record(msg.content[M.SHARED], sim.server.shared_state())
-    rows = sim.train_rows[cid]
-    res = sim.client.global_phase(cid, rnd, shared, _personal(context, node, msg), rows,
-                                  steps=sim.client.steps_for(len(rows)))
-    _keep_personal(context, res.personal)
-    u = res.update
-    leaked = set(u.state) - set(shared)
-    if leaked:  # the policy uploads shared components only; never let anything else out
-        raise RuntimeError(f"refusing to send non-shared parameters to the server: {sorted(leaked)[:3]}")
+    shared = _shared(msg, host, cfg)
+    u = host.global_phases(rnd, [cid], shared)[cid]
     metrics = MetricRecord({"partition-id": cid, "num-examples": u.num_examples,
                             "train-loss": float(u.metrics["train_loss"]), "steps": int(u.metrics["steps"]),
                             "diverged": int(bool(u.metrics["diverged"])), "seconds": time.perf_counter() - t0})
@@ -132,52 +131,42 @@ def train_global(msg: Message, context: Context) -> Message:
 
 @app.train("local")
 def train_local(msg: Message, context: Context) -> Message:
-    """After aggregation: the local phase on the new global adapter, then (if asked) local evaluation."""
-    from ..core import protocol
-    from ..evaluate import evaluate
+    """After aggregation: the local phase on the new global adapter, then (if asked) local evaluation;
+    in round 0, the base model's evaluation (the reference row)."""
+    from ..client_host import LocalTask
 
     t0 = time.perf_counter()
-    node, cfg, ws = _setup(msg, context)
-    sim, cid = ws.sim, node.partition_id
+    node, cfg, host = _setup(msg, context)
+    cid = node.partition_id
     conf = msg.content[M.CONFIG]
     rnd = int(conf["round"])
-    shared = M.from_record(msg.content[M.SHARED], sim.server.shared_state())
-    personal = _personal(context, node, msg)
-    out: dict = {"partition-id": cid}
-    if bool(conf["local"]) and sim.method.has_local_phase:
-        personal, stats = sim.client.local_phase(cid, rnd, shared, personal, sim.train_rows[cid])
-        _keep_personal(context, personal)
-        out.update({"local-loss": stats.loss, "local-steps": stats.steps})
-    local_state = protocol.local_model_state(sim.method, sim.client.full_global_state(shared), personal)
-    if bool(conf["evaluate"]):
-        sim.am.load_state(local_state)
-        rows = sim.evaluator._split(ws.data.clients[cid])  # the client's test (or validation) split
-        r = evaluate(sim.am, sim.fmt, rows, cfg.eval, cfg.eval.max_examples_per_client)
-        out.update({"eval-loss": r.loss, "eval-examples": r.examples, "eval-tokens": r.tokens})
-        if r.rouge_l is not None:
-            out["eval-rouge-l"] = r.rouge_l
-    if node.export_dir is not None:
-        _export(node, sim, rnd, cfg.federation.rounds, personal, local_state, _config_id(str(conf["config"])))
+    task = LocalTask(train=bool(conf["local"]), evaluate=bool(conf["evaluate"]),
+                     base=bool(conf["base"]) if "base" in conf else False)
+    shared = _shared(msg, host, cfg) if M.SHARED in msg.content.array_records else None
+    out = {"partition-id": cid, **M.local_metrics(host.local_round(rnd, {cid: task}, shared)[cid])}
+    if node.export_dir is not None and shared is not None:
+        _export(node, host, rnd, cfg.federation.rounds, shared, _config_id(str(conf["config"])))
     out["seconds"] = time.perf_counter() - t0
     return Message(RecordDict({M.METRICS: MetricRecord(out)}), reply_to=msg)
 
 
-def _export(node: NodeSettings, sim, rnd: int, rounds: int, personal, local_state, config_id: str) -> None:
+def _export(node: NodeSettings, host, rnd: int, rounds: int, shared, config_id: str) -> None:
     """export-dir/personal/round_<r>.pt each round (the personal state); export-dir/adapter (PEFT) at the end."""
     import torch
 
     from ..results import atomic_write
 
-    d = node.export_dir
+    d, cid = node.export_dir, node.partition_id
     d.mkdir(parents=True, exist_ok=True)
     if _saved_config_id(d) != config_id:
-        atomic_write(d / "run.json", json.dumps({"config": config_id, "partition-id": node.partition_id}) + "\n")
+        atomic_write(d / "run.json", json.dumps({"config": config_id, "partition-id": cid}) + "\n")
+    personal = host.store.get(cid)
     if personal:
         (d / "personal").mkdir(exist_ok=True)
         tmp = d / "personal" / f".round_{rnd}.pt.tmp"
         torch.save({k: v.detach().cpu() for k, v in personal.items()}, tmp)
         tmp.replace(d / "personal" / f"round_{rnd}.pt")  # never a torn file under the final name
     if rnd == rounds:
-        sim.am.export_peft(local_state, d / "adapter")
-        (d / "client.json").write_text(json.dumps({"partition-id": node.partition_id, "round": rnd,
-                                                   "method": sim.method.name}) + "\n")
+        host.am.export_peft(host.local_state(cid, shared), d / "adapter")
+        (d / "client.json").write_text(json.dumps({"partition-id": cid, "round": rnd,
+                                                   "method": host.method.name}) + "\n")

@@ -5,10 +5,11 @@
   train.global  server -> node: config, round, `shared` (the global shared components)
                 node -> server: `update` (the trained shared components ONLY), `metrics`
   train.local   server -> node: config, round, `shared` (the new global shared components), flags
-                `local` (run the local phase) and `evaluate` (evaluate the local model)
+                `local` (run the local phase), `evaluate` (evaluate the local model) and `base` (evaluate
+                the base model with no adapter: round 0, the reference row; no `shared`)
                 node -> server: `metrics` (losses, local evaluation) and nothing else
 
-Personal components are kept in the node's `Context.state` under PERSONAL and appear in no message.
+Personal components are kept in the node's `Context.state` (`personal.ContextPersonalStore`) and appear in no message.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ SHARED = "shared"  # ArrayRecord: server -> client
 UPDATE = "update"  # ArrayRecord: client -> server
 METRICS = "metrics"  # MetricRecord: client -> server
 INFO = "info"  # ConfigRecord: setup reply
-PERSONAL = "fedlora.personal"  # ArrayRecord in Context.state, never sent
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -57,4 +57,28 @@ def from_record(record: ArrayRecord, like: Mapping[str, torch.Tensor]) -> dict[s
                 v = v.to(torch.bfloat16)
             v = v.to(device=ref.device)
         out[k] = v
+    return out
+
+
+_EVAL_FIELDS = {"loss": "eval-loss", "rouge_l": "eval-rouge-l", "examples": "eval-examples", "tokens": "eval-tokens"}
+
+
+def local_metrics(answer: Mapping) -> dict:
+    """A `ClientHost.local_round` answer -> the flat metrics of a train.local reply."""
+    out = {k: v for k, v in answer.items() if k != "eval"}
+    for key, name in _EVAL_FIELDS.items():
+        value = answer.get("eval", {}).get(key)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def local_answer(metrics: Mapping) -> dict:
+    """The flat metrics of a train.local reply -> the `ClientHost.local_round` answer they came from."""
+    out = {k: metrics[k] for k in ("local-loss", "local-steps") if k in metrics}
+    if "eval-loss" in metrics:
+        out["eval"] = {"loss": float(metrics["eval-loss"]), "rouge_l": metrics.get("eval-rouge-l"),
+                       "examples": int(metrics["eval-examples"]), "tokens": int(metrics["eval-tokens"])}
+        if out["eval"]["rouge_l"] is not None:
+            out["eval"]["rouge_l"] = float(out["eval"]["rouge_l"])
     return out

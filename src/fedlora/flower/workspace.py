@@ -1,55 +1,63 @@
-"""The objects a Flower process works with: exactly those the in-process simulator builds.
+"""What a Flower process builds, and keeps for its life: a node's client, or the server's side.
 
-`build_workspace(cfg)` loads the tokenizer and base model (`runner.Session`), builds the
-federated data (same config and seed -> same partition on every machine) and a
-`simulation.Simulation`, whose `method`, `am` (AdapterModel), `client` (FedClient), `server`
-(Server), `evaluator`, `fmt` and `train_rows` the Flower apps use as they are. The server side
-uses its `server` and `evaluator`; a client uses its `client` and its own rows and test split.
+`client_host(cfg, cid)`: the tokenizer, the base model with the method's adapter and ONE client's rows
+(`build.build_host`): no server, no other client's data. Under Flower's simulation engine one process
+serves several virtual nodes, so the model side is built once per config and shared by the clients it
+hosts (each with its own personal store, from its own `Context`); under real SuperNodes each message
+runs in a fresh process.
+
+`server_side(cfg)`: the data (for the global test sets), the model side, the `Server` and the
+`GlobalEvaluator`: what the ServerApp needs to aggregate and to evaluate the global model it holds.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from rich.console import Console
 
+from ..build import ModelSide, build_host, build_model_side, build_server
+from ..client_host import ClientHost
 from ..config import Config, dump_config
+from ..core.server import Server
 from ..data.federated import FederatedData
+from ..evaluator import GlobalEvaluator
 from ..runner import Session
-from ..simulation import Simulation
 
-log = logging.getLogger("fedlora.flower")
+
+def _load(cfg: Config) -> tuple[FederatedData, ModelSide, str]:
+    session = Session(cfg, Console(stderr=True))
+    data = session.data(cfg)  # data first: bad data fails before the model loads
+    session.load_model()
+    side = build_model_side(cfg, session.tokenizer, session.base_model)
+    return data, side, str(session.device)
+
+
+_sides: dict[str, tuple[FederatedData, ModelSide, str]] = {}
+_hosts: dict[tuple[str, int], ClientHost] = {}
+
+
+def client_host(cfg: Config, cid: int) -> ClientHost:
+    key = dump_config(cfg)
+    if key not in _sides:
+        _sides.clear()
+        _hosts.clear()
+        _sides[key] = _load(cfg)
+    if (key, cid) not in _hosts:
+        data, side, _ = _sides[key]
+        _hosts[(key, cid)] = build_host(cfg, side, data, [cid])
+    return _hosts[(key, cid)]
 
 
 @dataclass
-class Workspace:
-    cfg: Config
+class ServerSide:
     data: FederatedData
-    sim: Simulation
+    side: ModelSide
+    server: Server
+    evaluator: GlobalEvaluator
     device: str
 
 
-def build_workspace(cfg: Config) -> Workspace:
-    session = Session(cfg, Console(stderr=True))
-    data = session.data(cfg)  # data first: bad data fails before the model loads
-    model = session.base_model
-    sim = Simulation(cfg, session.tokenizer, model, data, log=log.warning)
-    return Workspace(cfg, data, sim, str(session.device))
-
-
-_cached: dict[str, Workspace] = {}
-
-
-def client_workspace(cfg: Config) -> Workspace:
-    """A client's workspace, kept for the life of the process.
-
-    Under Flower's simulation engine one process serves many messages (and several virtual
-    clients, like the in-process simulator: one base model, states swapped in and out), so the
-    model is loaded once. Under real SuperNodes every message runs in a fresh process.
-    """
-    key = dump_config(cfg)
-    if key not in _cached:
-        _cached.clear()
-        _cached[key] = build_workspace(cfg)
-    return _cached[key]
+def server_side(cfg: Config) -> ServerSide:
+    data, side, device = _load(cfg)
+    return ServerSide(data, side, build_server(cfg, side), GlobalEvaluator(side.am, side.fmt, data, cfg), device)

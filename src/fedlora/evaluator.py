@@ -1,0 +1,82 @@
+"""The server's evaluation of the global model, and the summary of the clients' local evaluations.
+
+Global: the adapter state the server holds, on the global test set (each category/task weighted
+equally: the per-label losses are averaged) and, for Natural Instructions, on unseen tasks.
+Local: each client evaluates its own local model on its own held-out rows (`ClientHost`); here the
+per-client results are only summarized (mean over the clients that reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .adapters import AdapterModel
+from .core.components import State
+from .data.federated import FederatedData
+from .data.prompts import PromptFormatter
+from .evaluate import evaluate
+
+
+class GlobalEvaluator:
+    def __init__(self, am: AdapterModel, fmt: PromptFormatter, data: FederatedData, cfg):
+        self.am, self.fmt, self.data, self.cfg = am, fmt, data, cfg
+
+    def global_sets(self) -> dict:
+        """The global test set by label; on `eval.split=validation`, the clients' validation rows pooled by label."""
+        if self.cfg.eval.split == "test":
+            return self.data.global_test
+        pooled: dict = {}
+        for c in self.data.clients:
+            for e in c.validation:
+                pooled.setdefault(e.label, []).append(e)
+        return dict(sorted(pooled.items()))
+
+    def evaluate(self, state: State) -> dict:
+        """{"global": ..., ["unseen": ...]} of the model with this adapter state."""
+        self.am.load_state(state)
+        return self._all()
+
+    def evaluate_base(self) -> dict:
+        """The same sets on the base model, its adapter disabled."""
+        with self.am.model.disable_adapter():
+            return self._all()
+
+    def _all(self) -> dict:
+        out = {"global": self._labelled(self.global_sets())}
+        if self.data.unseen_test and self.cfg.eval.split == "test":
+            out["unseen"] = self._labelled(self.data.unseen_test)
+        return out
+
+    def _labelled(self, sets: Mapping) -> dict:
+        """Per-label evaluation, then the unweighted mean over labels (each category/task counts equally)."""
+        e = self.cfg.eval
+        per = max(1, e.max_global_examples // max(1, len(sets)))
+        results = {lab: evaluate(self.am, self.fmt, exs, e, per) for lab, exs in sets.items()}
+        rouges = [r.rouge_l for r in results.values() if r.rouge_l is not None]
+        return {
+            "loss": float(np.mean([r.loss for r in results.values()])),
+            "rouge_l": float(np.mean(rouges)) if rouges else None,
+            "per_label": {lab: r.as_dict() for lab, r in results.items()},
+        }
+
+
+def eval_rows(data: FederatedData, cid: int, split: str) -> list:
+    """A client's held-out rows for its local evaluation: its test split, or its validation split when tuning."""
+    c = data.clients[cid]
+    return c.validation if split == "validation" else c.test
+
+
+def local_summary(per_client: Mapping[int, dict | None], num_clients: int) -> dict:
+    """Mean over the clients that reported; a client that did not is listed as missing."""
+    rows = []
+    for c in range(num_clients):
+        r = per_client.get(c)
+        rows.append(dict(r) if r is not None else
+                    {"loss": None, "rouge_l": None, "examples": 0, "tokens": 0, "missing": True})
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    rouges = [r["rouge_l"] for r in rows if r["rouge_l"] is not None]
+    return {"loss": float(np.mean(losses)) if losses else float("nan"),
+            "rouge_l": float(np.mean(rouges)) if rouges else None,
+            "per_client": rows}

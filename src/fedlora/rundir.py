@@ -1,0 +1,125 @@
+"""The one writer of a run directory, and the loop that drives a `RoundEngine` through a whole run.
+
+A run directory holds: `config.yaml` (resolved), `metrics.jsonl` (one line per round), `checkpoints/`
+(the newest two, for resume), and once the run finished `results.md`, `curves.png`, `adapters/global/`
+(the server's global model as a plain PEFT adapter) and `global_state.pt`, the clients' local adapters
+where the runtime has them (`adapters/clients/client_N/`, `personal_state.pt`), and last `results.json`,
+whose presence means the run finished. Every runtime writes it through `run_engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import results as res
+from .checkpoint import Checkpoint, CheckpointError, CheckpointStore, is_due
+from .config import dump_config
+from .engine import RoundEngine, RoundRecord, global_model_note
+
+Say = Callable[[str], None]
+
+
+def round_line(rec: RoundRecord) -> str:
+    s = f"round {rec.round}: train loss {rec.train_loss:.4f}"
+    if rec.local_phase_loss is not None:
+        s += f", local-phase loss {rec.local_phase_loss:.4f}"
+    s += f", {rec.examples} examples, up {rec.bytes_up / 1024:.1f} KiB/client, {rec.wall_time:.1f}s"
+    if rec.eval:
+        s += " | " + eval_line(rec.eval)
+    if rec.rejected:
+        s += f" | rejected: {sorted(rec.rejected)}"
+    if rec.failed:
+        s += f" | failed: {sorted(int(c) for c in rec.failed)}"
+    return s
+
+
+def eval_line(ev: dict) -> str:
+    parts = []
+    for scope in ("global", "local"):
+        s = f"{scope} loss {ev[scope]['loss']:.4f}"
+        if ev[scope]["rouge_l"] is not None:
+            s += f" R-L {ev[scope]['rouge_l']:.4f}"
+        parts.append(s)
+    return " | ".join(parts)
+
+
+def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | None = None, say: Say = print,
+               provenance: dict | None = None, on_round: Callable[[RoundRecord], None] | None = None,
+               am=None) -> dict:
+    """Evaluate the base model, run the rounds after `resume` (or all), write the run directory; the summary row.
+
+    With `resume` (a checkpoint of this run directory, already checked against the config and the data) the
+    engine's state, metrics.jsonl and the round counter are restored first; a checkpoint that does not fit
+    changes nothing on disk. A checkpoint is written every `output.checkpoint_every` rounds and after the last.
+    """
+    cfg = engine.cfg
+    t0 = time.perf_counter()
+    elapsed_before = resume.elapsed if resume else 0.0
+    config_yaml = dump_config(cfg)
+    store = CheckpointStore(out)
+    lines: list[str] = []
+    base = None
+    if resume is not None:
+        if resume.state.get("runtime", "in-process") != engine.transport.runtime:
+            raise CheckpointError(f"resume: {resume.path} was written by the {resume.state.get('runtime')} runtime, "
+                                  f"not {engine.transport.runtime}; resume it there (see docs/reliability.md)")
+        lines = list(resume.metrics)
+        try:
+            engine.load_state_dict(resume.state, [RoundRecord.from_dict(json.loads(x)) for x in lines])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"resume: checkpoint {resume.path.name} does not fit this config: {e}") from None
+        base = resume.state.get("base")
+        say(f"resuming after round {resume.round} of {cfg.federation.rounds} "
+            f"(checkpoint {resume.path.relative_to(out)})")
+        store.prune()  # leftovers of the crash: torn temporary checkpoints, a checkpoint too many
+    res.atomic_write(out / "config.yaml", config_yaml)
+    metrics_path = out / "metrics.jsonl"
+    res.atomic_write(metrics_path, "".join(lines))
+    if base is None:
+        base = engine.evaluate_base()
+        say("base model (no adapter, before round 1) | " + eval_line(base))
+
+    def record(rec: RoundRecord) -> None:
+        line = json.dumps(rec.as_dict(), default=float) + "\n"
+        lines.append(line)
+        with open(metrics_path, "a") as f:
+            f.write(line)
+        say(round_line(rec))
+        if is_due(rec.round, cfg.federation.rounds, cfg.output.checkpoint_every):
+            store.save(rec.round, {**engine.state_dict(), "base": base}, lines, config_yaml, data.fingerprint,
+                       elapsed_before + time.perf_counter() - t0)
+        if on_round:
+            on_round(rec)
+
+    start = resume.round + 1 if resume else 1
+    engine.run(on_round=record, start_round=start)
+    history = [json.loads(x) for x in lines]
+    wall = elapsed_before + time.perf_counter() - t0
+    row = res.summary_row(cfg.method, history, engine.parameter_counts(), wall)
+    base_row = res.base_row(base)
+    note = global_model_note(engine.method)
+    (out / "results.md").write_text(res.results_table([base_row, row]) + (f"\nGlobal model: {note}.\n" if note else ""))
+    if cfg.output.plots:
+        res.plot_curves({cfg.method: history}, out / "curves.png", base=base)
+    if cfg.output.save_adapters:
+        write_adapters(engine, out, am)
+    # written last: its presence means the run finished (see `fedlora run --resume`)
+    res.write_json(out / "results.json", {
+        "summary": row, "base": base_row, "base_eval": base, "history": history, "method": engine.method.summary,
+        "provenance": res.provenance(cfg, data, {"wall_time": wall, "runtime": engine.transport.runtime,
+                                                 "resumed": bool(resume), **(provenance or {})}),
+    })
+    return {**row, "base": base_row}
+
+
+def write_adapters(engine: RoundEngine, out: Path, am) -> None:
+    """adapters/global/: exactly the server's state; adapters/clients/: local models where the runtime has them."""
+    adapters = out / "adapters"
+    am.export_peft(engine.server.global_state, adapters / "global")
+    torch.save({k: v.detach().cpu() for k, v in engine.server.global_state.items()}, out / "global_state.pt")
+    engine.transport.export_local(adapters, engine.server.shared_state())

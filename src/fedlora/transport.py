@@ -1,0 +1,101 @@
+"""How the round engine reaches the clients: the small interface every runtime implements.
+
+Two requests make a round (see `engine.RoundEngine`):
+
+  * `global_phase(rnd, cids, shared)`: each client trains from the server's shared state and replies
+    with its update (shared components only);
+  * `local_round(rnd, tasks, shared)`: after aggregation, each client runs its local phase on the new
+    shared state and/or evaluates its local model on its own held-out rows (`LocalTask`), and replies
+    with metrics only.
+
+Each returns (replies by client id, {client id: why it failed}). `InProcessTransport` calls a
+`ClientHost` directly; `flower.transport.FlowerTransport` sends Flower messages to nodes whose
+ClientApp calls the same `ClientHost`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from .checkpoint import fault_point
+from .client_host import ClientHost, LocalTask
+from .core.aggregate import ClientUpdate
+
+Failed = dict[int, str]
+
+
+class Transport(Protocol):
+    runtime: str
+    """Name of the runtime, saved in checkpoints (a checkpoint resumes only on its own runtime)."""
+
+    def prepare(self, rnd: int) -> None:
+        """Before a round: learn which clients are reachable (nodes that left or joined)."""
+
+    def global_phase(self, rnd: int, cids: Sequence[int], shared: Mapping) -> tuple[dict[int, ClientUpdate], Failed]:
+        ...
+
+    def local_round(self, rnd: int, tasks: Mapping[int, LocalTask],
+                    shared: Mapping | None) -> tuple[dict[int, dict], Failed]:
+        ...
+
+    def reachable(self) -> list[int]:
+        """Clients that can be asked now."""
+
+    def round_info(self, sampled: Sequence[int]) -> dict:
+        """Extra, runtime-specific fields of the round's metrics row."""
+
+    def state_dict(self) -> dict:
+        """What this runtime itself must checkpoint (the in-process clients' personal state)."""
+
+    def load_state_dict(self, state: Mapping) -> None:
+        ...
+
+    def export_local(self, adapters_dir: Path, shared: Mapping) -> None:
+        """Write the clients' local adapters, where the clients' personal state is at hand."""
+
+
+class InProcessTransport:
+    """Every client in this process: the requests are plain calls on one `ClientHost`."""
+
+    runtime = "in-process"
+
+    def __init__(self, host: ClientHost, num_clients: int, progress: Callable[[], None] | None = None):
+        self.host, self.n, self.progress = host, num_clients, progress
+
+    def prepare(self, rnd: int) -> None:
+        return None
+
+    def reachable(self) -> list[int]:
+        return list(range(self.n))
+
+    def round_info(self, sampled: Sequence[int]) -> dict:
+        return {}
+
+    def global_phase(self, rnd, cids, shared):
+        def done(cid: int) -> None:
+            if self.progress is not None:
+                self.progress()
+            fault_point("train", rnd)
+
+        return self.host.global_phases(rnd, cids, shared, on_done=done), {}
+
+    def local_round(self, rnd, tasks, shared):
+        return self.host.local_round(rnd, tasks, shared), {}
+
+    def state_dict(self) -> dict:
+        return {"personal": self.host.store.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.host.store.load_state_dict(state["personal"], self.host.am.init_state, self.n)
+
+    def export_local(self, adapters_dir: Path, shared: Mapping) -> None:
+        import torch
+
+        store = self.host.store
+        if not self.host.method.personal:
+            return
+        for cid in store.clients():
+            self.host.am.export_peft(self.host.local_state(cid, shared), adapters_dir / "clients" / f"client_{cid}")
+        torch.save(store.state_dict(), adapters_dir.parent / "personal_state.pt")
