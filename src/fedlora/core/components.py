@@ -10,31 +10,58 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 State = dict[str, torch.Tensor]
 
-# (pattern on the parameter name's tail, component). First match wins.
+
+@dataclass(frozen=True)
+class Naming:
+    """One adapter kind's components, each with the pattern its parameters' names end with (PEFT's naming).
+
+    The PEFT side of a kind (install, export, batched weights) is its class in `fedlora.adapter_kinds`;
+    this is the pure naming part that the server and the methods need.
+    """
+
+    kind: str
+    patterns: Mapping[str, str]
+    """component -> regex on the parameter name's tail"""
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(self.patterns)
+
+    def component_of(self, name: str) -> str | None:
+        """The component of parameter `name`, or None if it is none of this kind's."""
+        return next((c for c, p in self.patterns.items() if re.search(p, name)), None)
+
+
+DUAL_LOCAL_ADAPTER = "local"
+"""The PEFT adapter name of FedDPA's second, local LoRA (the first is PEFT's "default")."""
+
+_A, _B = r"\.lora_A\.default\.weight$", r"\.lora_B\.default\.weight$"
+_PARAM = r"\.lora_{}\.default\.parametrizations\.weight\.original{}$"
+
+LORA = Naming("lora", {"A": _A, "B": _B})
+MAGDIR = Naming("magdir", {"A.dir": _PARAM.format("A", 0), "A.mag": _PARAM.format("A", 1),
+                           "B.dir": _PARAM.format("B", 0), "B.mag": _PARAM.format("B", 1)})
+DORA = Naming("dora", {"A": _A, "B": _B, "W.mag": r"\.lora_magnitude_vector\.default\.weight$"})
+DUAL = Naming("dual", {"A": _A, "B": _B, "L.A": rf"\.lora_A\.{DUAL_LOCAL_ADAPTER}\.weight$",
+                       "L.B": rf"\.lora_B\.{DUAL_LOCAL_ADAPTER}\.weight$"})
+NAMINGS: dict[str, Naming] = {n.kind: n for n in (LORA, MAGDIR, DORA, DUAL)}
+
+# (pattern, component) over all kinds; a pattern that several kinds share appears once
 _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(p), c)
-    for p, c in (
-        (r"\.lora_A\.default\.parametrizations\.weight\.original0$", "A.dir"),
-        (r"\.lora_A\.default\.parametrizations\.weight\.original1$", "A.mag"),
-        (r"\.lora_B\.default\.parametrizations\.weight\.original0$", "B.dir"),
-        (r"\.lora_B\.default\.parametrizations\.weight\.original1$", "B.mag"),
-        (r"\.lora_A\.default\.weight$", "A"),
-        (r"\.lora_B\.default\.weight$", "B"),
-        (r"\.lora_magnitude_vector\.default\.weight$", "W.mag"),
-        (r"\.lora_A\.local\.weight$", "L.A"),
-        (r"\.lora_B\.local\.weight$", "L.B"),
-    )
+    (re.compile(p), c) for p, c in dict.fromkeys((p, c) for n in NAMINGS.values() for c, p in n.patterns.items())
 )
 
-ALL_COMPONENTS: tuple[str, ...] = ("A", "B", "A.dir", "A.mag", "B.dir", "B.mag", "W.mag", "L.A", "L.B")
+ALL_COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(c for _, c in _RULES))
 
 
 def component_of(name: str) -> str:
+    """The component of parameter `name`, whatever its kind (no two kinds name a component differently)."""
     for pattern, comp in _RULES:
         if pattern.search(name):
             return comp

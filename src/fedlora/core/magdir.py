@@ -17,19 +17,25 @@ Axis = Literal["rows", "cols"]
 EPS = 1e-8
 
 
+# Each function takes a [rows, cols] weight or a stack [..., rows, cols] of them (e.g. one per client).
+
+
+def _dim(axis: Axis) -> int:
+    """The dimension a norm runs over: a row's entries (axis="rows") or a column's (axis="cols")."""
+    return -1 if axis == "rows" else -2
+
+
 def vector_norms(weight: torch.Tensor, axis: Axis) -> torch.Tensor:
     """Norm of each row (axis="rows") or each column (axis="cols")."""
-    return weight.norm(dim=1 if axis == "rows" else 0)
+    return weight.norm(dim=_dim(axis))
 
 
 def unit(weight: torch.Tensor, axis: Axis) -> torch.Tensor:
-    norms = vector_norms(weight, axis)
-    return weight / (norms.unsqueeze(1) if axis == "rows" else norms.unsqueeze(0)).clamp_min(EPS)
+    return weight / vector_norms(weight, axis).unsqueeze(_dim(axis)).clamp_min(EPS)
 
 
 def compose(direction: torch.Tensor, magnitude: torch.Tensor, axis: Axis) -> torch.Tensor:
-    d = unit(direction, axis)
-    return d * (magnitude.unsqueeze(1) if axis == "rows" else magnitude.unsqueeze(0))
+    return unit(direction, axis) * magnitude.unsqueeze(_dim(axis))
 
 
 class MagnitudeDirection(nn.Module):

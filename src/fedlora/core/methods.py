@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .components import NAMINGS
+
 AdapterKind = Literal["lora", "magdir", "dora", "dual"]
 PersonalMode = Literal["persist", "reset", "offset"]
 
@@ -73,12 +75,8 @@ class Method:
         return ADAPTER_COMPONENTS[self.adapter]
 
 
-ADAPTER_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "lora": ("A", "B"),
-    "magdir": ("A.dir", "A.mag", "B.dir", "B.mag"),
-    "dora": ("A", "B", "W.mag"),
-    "dual": ("A", "B", "L.A", "L.B"),
-}
+ADAPTER_COMPONENTS: dict[str, tuple[str, ...]] = {kind: n.components for kind, n in NAMINGS.items()}
+"""Each adapter kind's components (their names and parameter patterns: `core.components.NAMINGS`)."""
 
 
 def _mult(opts, comps) -> dict[str, float]:
