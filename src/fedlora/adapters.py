@@ -2,90 +2,68 @@
 
 The simulator keeps ONE of these for all clients: a client's adapter is a small state dict that
 is copied into the model's adapter parameters before the client trains or is evaluated.
+Everything that depends on the adapter kind is in its class (`fedlora.adapter_kinds`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from safetensors.torch import save_file
-from torch.nn.utils import parametrize
 
-from .core.components import State, clone, component_of
-from .core.magdir import MagnitudeDirection, compose, unit
-from .core.methods import ADAPTER_COMPONENTS
-
-LOCAL_ADAPTER = "local"
+from .adapter_kinds import AdapterKind, kind_class, lora_layers
+from .core.components import State, clone
 
 
 class AdapterModel:
-    """A PEFT-wrapped base model for one adapter kind (`lora`, `magdir`, `dora`, `dual`)."""
+    """A PEFT-wrapped base model for one adapter kind (`lora`, `magdir`, `dora`, `dual`: `adapter_kinds.KINDS`).
+
+    `norm_axis_a`, `norm_axis_b`, `b_mag_init` and `b_dir_init_norm` are the magnitude/direction kind's
+    options (see `MagDirKind`); the other kinds ignore them.
+    """
 
     def __init__(self, base_model, kind: str, lora_cfg, *, norm_axis_a="rows", norm_axis_b="rows",
                  b_mag_init: float = 0.0, b_dir_init_norm: float = 1.0, seed: int = 0, base_name: str = ""):
-        if kind not in ADAPTER_COMPONENTS:
-            raise ValueError(f"unknown adapter kind {kind!r}")
+        self.impl: AdapterKind = kind_class(kind)(lora_cfg, norm_axis_a=norm_axis_a, norm_axis_b=norm_axis_b,
+                                                  b_mag_init=b_mag_init, b_dir_init_norm=b_dir_init_norm)
         self.kind = kind
         self.lora_cfg = lora_cfg
-        self.axes = {"A.dir": norm_axis_a, "B.dir": norm_axis_b}
+        self.axes = self.impl.axes
         self.base_name = base_name
-        self.peft_config = PeftLoraConfig(
-            r=lora_cfg.r,
-            lora_alpha=lora_cfg.alpha,
-            lora_dropout=lora_cfg.dropout,
-            target_modules=list(lora_cfg.target_modules),
-            use_dora=kind == "dora",
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=base_name or None,
-        )
-        devrng = torch.random.fork_rng(devices=[])
-        with devrng:
+        self.peft_config = self.impl.peft_config(base_name)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
                 self.model = get_peft_model(base_model, self.peft_config)
             except ValueError as e:
                 raise _target_error(lora_cfg.target_modules, e) from None
-            if kind == "dual":
-                self.model.add_adapter(LOCAL_ADAPTER, self.peft_config)
-                self.model.base_model.set_adapter(["default", LOCAL_ADAPTER])
-            if kind == "magdir":
-                self._decompose(b_mag_init, b_dir_init_norm)
-        self.params: dict[str, torch.nn.Parameter] = {
-            n: p for n, p in self.model.named_parameters() if _is_adapter_param(n)
-        }
-        self.components: dict[str, str] = {n: component_of(n) for n in self.params}
+            self.impl.install(self.model, self.peft_config)
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.components: dict[str, str] = {}
+        for n, p in self.model.named_parameters():
+            comp = self.impl.component_of(n)
+            if comp is not None:
+                self.params[n], self.components[n] = p, comp
+            elif ".lora_" in n:
+                raise RuntimeError(f"adapter parameter {n!r} belongs to no component of adapter kind {kind!r}")
         for p in self.params.values():
             p.requires_grad_(False)
         self.init_state: State = self.state()
 
-    # ------------------------------------------------------------------ construction
-    def _lora_layers(self):
-        for name, module in self.model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                yield name, module
+    @classmethod
+    def for_method(cls, base_model, method, cfg) -> AdapterModel:
+        """The adapter of `method` (a `core.methods.Method`) as the full `Config` sets it up: `cfg.lora`, the
+        kind's options from `cfg.method_options`, `cfg.seed` and `cfg.model.name`."""
+        mo = cfg.method_options
+        return cls(base_model, method.adapter, cfg.lora, norm_axis_a=mo.norm_axis_a, norm_axis_b=mo.norm_axis_b,
+                   b_mag_init=mo.b_mag_init, b_dir_init_norm=mo.b_dir_init_norm, seed=cfg.seed,
+                   base_name=cfg.model.name)
 
-    def _decompose(self, b_mag_init: float, b_dir_init_norm: float = 1.0) -> None:
-        """A = diag(A_M)·A_D from PEFT's init; B = diag(B_M)·B_D with random B_D and B_M = b_mag_init.
-
-        The forward pass normalizes B_D, so its stored norm (`b_dir_init_norm`) changes nothing in the
-        model, only how fast Adam can turn it: a small norm lets the first gradients set B's direction,
-        as they do for plain LoRA's zero-initialized B.
-        """
-        for _, layer in self._lora_layers():
-            a_lin, b_lin = layer.lora_A["default"], layer.lora_B["default"]
-            parametrize.register_parametrization(a_lin, "weight", MagnitudeDirection(self.axes["A.dir"]))
-            parametrize.register_parametrization(b_lin, "weight", MagnitudeDirection(self.axes["B.dir"]))
-            with torch.no_grad():
-                a = a_lin.parametrizations.weight
-                a.original0.copy_(unit(a.original0, self.axes["A.dir"]))
-                b = b_lin.parametrizations.weight
-                b.original0.copy_(unit(torch.randn_like(b.original0), self.axes["B.dir"]) * b_dir_init_norm)
-                b.original1.fill_(b_mag_init)
+    def lora_layers(self):
+        """(name, module) of every PEFT LoRA layer of the model."""
+        return lora_layers(self.model)
 
     # ------------------------------------------------------------------ state swapping
     @property
@@ -113,10 +91,7 @@ class AdapterModel:
 
     def release(self):
         """Remove the adapter and return the clean base model (for reuse by another method)."""
-        for _, layer in self._lora_layers():
-            for lin in (layer.lora_A["default"], layer.lora_B["default"]):
-                if parametrize.is_parametrized(lin):
-                    parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+        self.impl.uninstall(self.model)
         base = self.model.unload()
         self.params = {}
         return base
@@ -125,55 +100,13 @@ class AdapterModel:
     def export_peft(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
         """Write `state` as a plain PEFT adapter that `PeftModel.from_pretrained` loads with no code of ours.
 
-        LoRA and DoRA use PEFT's own saving. The magnitude/direction parts are multiplied back into
-        `lora_A.weight` / `lora_B.weight`; FedDPA's two LoRAs become one LoRA of rank 2r (A stacked,
-        B side by side, alpha doubled so that the scale alpha/r is unchanged).
+        LoRA and DoRA use PEFT's own saving; the other kinds write their effective LoRA factors
+        (see each kind's `export`).
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self.kind in ("lora", "dora"):
-            saved = self.state()
-            self.load_state(state)
-            try:
-                self.model.save_pretrained(out, selected_adapters=["default"])
-            finally:
-                self.load_state(saved)
-            return out
-        tensors, rank, alpha = {}, self.lora_cfg.r, self.lora_cfg.alpha
-        for name, _ in self._lora_layers():
-            a, b = self._effective_factors(state, name)
-            tensors[f"{name}.lora_A.weight"] = a.detach().float().contiguous().cpu()
-            tensors[f"{name}.lora_B.weight"] = b.detach().float().contiguous().cpu()
-        if self.kind == "dual":
-            rank, alpha = 2 * rank, 2 * alpha
-        cfg = PeftLoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=self.lora_cfg.dropout,
-            target_modules=list(self.lora_cfg.target_modules), task_type="CAUSAL_LM",
-            base_model_name_or_path=self.base_name or None,
-        )
-        cfg.save_pretrained(out)
-        save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-        (out / "fedlora_export.json").write_text(json.dumps({"adapter_kind": self.kind}) + "\n")
+        self.impl.export(self, state, out)
         return out
-
-    def _effective_factors(self, state: Mapping[str, torch.Tensor], layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kind == "magdir":
-            pa = f"{layer}.lora_A.default.parametrizations.weight"
-            pb = f"{layer}.lora_B.default.parametrizations.weight"
-            a = compose(state[pa + ".original0"], state[pa + ".original1"], self.axes["A.dir"])
-            b = compose(state[pb + ".original0"], state[pb + ".original1"], self.axes["B.dir"])
-            return a, b
-        a = torch.cat([state[f"{layer}.lora_A.default.weight"], state[f"{layer}.lora_A.{LOCAL_ADAPTER}.weight"]], 0)
-        b = torch.cat([state[f"{layer}.lora_B.default.weight"], state[f"{layer}.lora_B.{LOCAL_ADAPTER}.weight"]], 1)
-        return a, b
-
-
-def _is_adapter_param(name: str) -> bool:
-    try:
-        component_of(name)
-        return True
-    except KeyError:
-        return False
 
 
 def _target_error(targets, err):

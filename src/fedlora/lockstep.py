@@ -8,8 +8,9 @@ gradient is exactly the one it would get alone; one AdamW over the stacked tenso
 (Adam is elementwise); gradient clipping is per client. With `lora.dropout: 0` the result equals K
 sequential `train_phase` calls up to float rounding (tested); with dropout the masks differ.
 
-Supports the `lora` and `magdir` adapter kinds and phases without loss terms; `reason_unsupported` says why
-not otherwise, and the caller falls back to sequential training.
+Supports the adapter kinds whose class says `lockstep` (their layers are base(x) + scaling · B A x with the
+kind's `factors`: `lora`, `magdir`) and phases without loss terms; `reason_unsupported` says why not
+otherwise, and the caller falls back to sequential training.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adapter_kinds import KINDS
 from .adapters import AdapterModel
 from .core.components import State
-from .core.magdir import EPS
 from .data.prompts import Encoded
 from .training import PhaseStats, _adamw_impl, _lr_factor, _response_index, collate
 
@@ -32,8 +33,9 @@ Batches = list[list[list[Encoded]]]  # steps x micro-batches x rows
 
 def reason_unsupported(am: AdapterModel, batches: Sequence[Batches], has_loss_terms: bool) -> str | None:
     """Why these phases cannot run in lockstep (None: they can)."""
-    if am.kind not in ("lora", "magdir"):
-        return f"adapter kind {am.kind!r} (lockstep supports lora and magdir)"
+    if not am.impl.lockstep:
+        supported = " and ".join(name for name, kind in KINDS.items() if kind.lockstep)
+        return f"adapter kind {am.kind!r} (lockstep supports {supported})"
     if has_loss_terms:
         return "the method adds loss terms (e.g. FedProx)"
     if len(batches) < 2:
@@ -42,13 +44,6 @@ def reason_unsupported(am: AdapterModel, batches: Sequence[Batches], has_loss_te
     if len(shapes) != 1:
         return "the clients' phases differ in steps or micro-batch sizes"
     return None
-
-
-def _compose(direction: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torch.Tensor:
-    """Batched `magdir.compose`: [K, rows, cols] directions, [K, n] magnitudes."""
-    if axis == "rows":
-        return direction / direction.norm(dim=2, keepdim=True).clamp_min(EPS) * magnitude.unsqueeze(2)
-    return direction / direction.norm(dim=1, keepdim=True).clamp_min(EPS) * magnitude.unsqueeze(1)
 
 
 class _StackedLayers:
@@ -60,35 +55,28 @@ class _StackedLayers:
         for name, param in am.params.items():
             t = torch.stack([s[name].to(param.device, param.dtype) for s in starts])
             self.tensors[name] = t.requires_grad_(am.components[name] in trainable)
-        self.layers = []
-        for name, layer in am._lora_layers():
-            keys = {am.components[n]: n for n in am.params
-                    if n.startswith(f"{name}.lora_A.default.") or n.startswith(f"{name}.lora_B.default.")}
-            self.layers.append((layer, keys))
+        self.layers = list(am.lora_layers())
 
-    def weights(self, keys: Mapping[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.tensors
-        if self.am.kind == "lora":
-            return t[keys["A"]], t[keys["B"]]
-        return (_compose(t[keys["A.dir"]], t[keys["A.mag"]], self.am.axes["A.dir"]),
-                _compose(t[keys["B.dir"]], t[keys["B.mag"]], self.am.axes["B.dir"]))
+    def weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `name`'s stacked effective factors: A [K, r, in], B [K, out, r]."""
+        return self.am.impl.factors(self.tensors, name)
 
     def __enter__(self):
-        for layer, keys in self.layers:
-            layer.forward = self._forward(layer, keys)
+        for name, layer in self.layers:
+            layer.forward = self._forward(layer, name)
         return self
 
     def __exit__(self, *exc):
-        for layer, _ in self.layers:
+        for _, layer in self.layers:
             del layer.forward  # back to the class's (PEFT's) forward
         return False
 
-    def _forward(self, layer, keys):
+    def _forward(self, layer, name):
         k = self.k
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = layer.base_layer(x, *args, **kwargs)
-            a, b = self.weights(keys)
+            a, b = self.weights(name)
             h = layer.lora_dropout["default"](x.to(a.dtype))
             lead = h.shape[:-1]
             h = h.reshape(k, -1, h.shape[-1])  # examples are client-major: rows [k*b, (k+1)*b) are client k's
