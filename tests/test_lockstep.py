@@ -27,7 +27,9 @@ def max_diff(a, b):
 
 
 @pytest.mark.parametrize(
-    "method,options", [("fedit", ()), ("fedlora_opt", ()), ("fedlora_opt", ("share_b_dir=false",)), ("fedsa", ())]
+    "method,options",
+    [("fedit", ()), ("fedlora_opt", ()), ("fedlora_opt", ("share_b_dir=false", "method_options.personal_mode=persist")),
+     ("fedsa", ())],
 )
 def test_lockstep_rounds_equal_sequential_rounds(tok, method, options):
     runs = {}
