@@ -1,8 +1,7 @@
 """The base model's global and local response loss (and ROUGE-L) on a config's test sets, with no training.
 
-A reference point for any run of the same config and seed: a LoRA adapter starts with B = 0, so FedIT's
-initial model is exactly the base model, and evaluating it before round 1 uses the same partition, test sets and
-evaluation code as the run itself.
+Every run already evaluates the base model before round 1 (`RoundEngine.evaluate_base`: the "base model" row
+of results.md / results.json); this script gives that row alone, without a run, for the same config and seed.
 
     .venv/bin/python scripts/base_eval.py --config configs/study/reference-probe.yaml [--set key=value ...]
 """
@@ -12,7 +11,6 @@ import argparse
 import json
 import sys
 
-import torch
 from rich.console import Console
 
 from fedlora.cli import quiet_library_warnings
@@ -30,7 +28,7 @@ def main() -> int:
     quiet_library_warnings()
     console = Console(stderr=True)
     try:
-        out = base_losses(load_config(args.config, args.set + ["method=fedit"]), console)
+        out = base_losses(load_config(args.config, args.set), console)
     except UserError as e:  # bad config, data or model path: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,10 +40,7 @@ def base_losses(cfg, console: Console) -> dict:
     session = Session(cfg, console)
     data = session.data(cfg)
     session.load_model()
-    sim = Simulation(cfg, session.tokenizer, session.base_model, data)
-    b = [v for k, v in sim.server.global_state.items() if "lora_B" in k]
-    assert b and all(torch.count_nonzero(t) == 0 for t in b), "expected FedIT's initial B = 0 (the base model)"
-    ev = sim.evaluate()
+    ev = Simulation(cfg, session.tokenizer, session.base_model, data).engine.evaluate_base()
     out = {"seed": cfg.seed}
     for part in ("global", "local", "unseen"):
         if part in ev:

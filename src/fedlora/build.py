@@ -33,10 +33,7 @@ class ModelSide:
 
 def build_model_side(cfg, tokenizer, base_model) -> ModelSide:
     method = build_method(cfg.method, cfg.method_options, rank=cfg.lora.r)
-    mo = cfg.method_options
-    am = AdapterModel(base_model, method.adapter, cfg.lora, norm_axis_a=mo.norm_axis_a, norm_axis_b=mo.norm_axis_b,
-                      b_mag_init=mo.b_mag_init, b_dir_init_norm=mo.b_dir_init_norm, seed=cfg.seed,
-                      base_name=cfg.model.name)
+    am = AdapterModel.for_method(base_model, method, cfg)
     return ModelSide(method, am, PromptFormatter(tokenizer, cfg.data.template, cfg.data.max_length),
                      tokenizer.pad_token_id)
 

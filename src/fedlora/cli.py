@@ -140,7 +140,7 @@ def cmd_resume(args, console: Console) -> int:
 def _aggregate_rows(rows: list[dict]) -> dict:
     import numpy as np
 
-    out = dict(rows[0])
+    out = {k: v for k, v in rows[0].items() if k != "base"}
     out["seeds"] = len(rows)
     for key in ("global_loss", "global_rouge_l", "local_loss", "local_rouge_l", "unseen_loss", "unseen_rouge_l",
                 "bytes_up", "bytes_down", "wall_time"):
@@ -175,7 +175,7 @@ def cmd_compare(args, console: Console) -> int:
     session.load_model()
     check_lora_targets(session.base_model, cfg.lora.target_modules)
     out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
-    rows, histories = [], {}
+    rows, histories, base_rows = [], {}, []
     t0 = time.perf_counter()
     for m in methods:
         per_seed = []
@@ -186,19 +186,23 @@ def cmd_compare(args, console: Console) -> int:
             run_dir.mkdir(parents=True)
             console.rule(f"{m} (seed {seed})")
             per_seed.append(run_experiment(session, c, run_dir, show_partition=(m == methods[0] and i == 0)))
+            if m == methods[0]:  # the same partitions and test sets for every method of a seed
+                base_rows.append(per_seed[-1]["base"])
             if i == 0:
                 import json
 
                 histories[m] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rows.append(_aggregate_rows(per_seed))
-        (out / "results.md").write_text(res.results_table(rows))
-        res.write_json(out / "results.json", {"rows": rows, "seeds": seeds, "methods": methods})
-    table = res.results_table(rows)
-    note = ("Global model of methods with personal components (fedlora_opt, fedsa, feddpa, fedit_ft, local_only) = "
-            "shared components + mean of the clients' personal components, built for evaluation only.\n")
+        table_rows = [_aggregate_rows(base_rows), *rows]
+        (out / "results.md").write_text(res.results_table(table_rows))
+        res.write_json(out / "results.json", {"rows": table_rows, "seeds": seeds, "methods": methods})
+    table = res.results_table(table_rows)
+    note = ("Global = the model the server holds after aggregation (for a method that keeps a component only on "
+            "the clients, that component at its initial value); local = each client's own model on its own test "
+            "rows; base model = no adapter, the same test sets.\n")
     (out / "results.md").write_text(table + "\n" + note)
     res.plot_curves(histories, out / "curves.png")
-    res.plot_per_client(rows, out / "per_client_local.png", seeds)
+    res.plot_per_client(table_rows, out / "per_client_local.png", seeds)
     print()
     print(table)
     print(note)

@@ -50,8 +50,10 @@ def eval_line(ev: dict) -> str:
 
 def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | None = None, say: Say = print,
                provenance: dict | None = None, on_round: Callable[[RoundRecord], None] | None = None,
-               am=None) -> dict:
+               am=None, base: dict | None = None) -> dict:
     """Evaluate the base model, run the rounds after `resume` (or all), write the run directory; the summary row.
+
+    `base`: the base model's evaluation when it is already known (the same data, seed and evaluation settings).
 
     With `resume` (a checkpoint of this run directory, already checked against the config and the data) the
     engine's state, metrics.jsonl and the round counter are restored first; a checkpoint that does not fit
@@ -63,7 +65,6 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
     config_yaml = dump_config(cfg)
     store = CheckpointStore(out)
     lines: list[str] = []
-    base = None
     if resume is not None:
         if resume.state.get("runtime", "in-process") != engine.transport.runtime:
             raise CheckpointError(f"resume: {resume.path} was written by the {resume.state.get('runtime')} runtime, "
@@ -73,7 +74,7 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
             engine.load_state_dict(resume.state, [RoundRecord.from_dict(json.loads(x)) for x in lines])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"resume: checkpoint {resume.path.name} does not fit this config: {e}") from None
-        base = resume.state.get("base")
+        base = resume.state.get("base", base)
         say(f"resuming after round {resume.round} of {cfg.federation.rounds} "
             f"(checkpoint {resume.path.relative_to(out)})")
         store.prune()  # leftovers of the crash: torn temporary checkpoints, a checkpoint too many

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +32,8 @@ class Session:
         self.console = console
         self._model = None
         self._examples: dict[tuple, tuple] = {}
+        self.base_evals: dict[str, dict] = {}
+        """The base model's evaluation per `base_key`: computed once, shared by the methods of a comparison."""
 
     def load_model(self) -> None:
         """Load the tokenizer and the base model once (data is checked first, so bad data fails fast)."""
@@ -56,6 +60,12 @@ class Session:
             self._examples[key] = load_examples(cfg, warn=lambda m: self.console.print(f"[yellow]{m}"))
         examples, unseen = self._examples[key]
         return build_federated_data(cfg, examples, unseen)
+
+
+def base_key(cfg: Config) -> str:
+    """What the base model's evaluation depends on: model, data, partition (seed, clients), evaluation settings."""
+    return json.dumps([cfg.model.name, cfg.model.dtype, dataclasses.asdict(cfg.data), cfg.seed,
+                       cfg.federation.clients, dataclasses.asdict(cfg.eval)], sort_keys=True, default=str)
 
 
 def check_lora_targets(model, targets: list[str]) -> None:
@@ -111,8 +121,11 @@ def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partiti
         task = progress.add_task(f"{cfg.method} seed {cfg.seed}", total=cfg.federation.rounds * per_round,
                                  completed=done * per_round)
         try:
-            return run_engine(sim.engine, out_dir, data, resume=resume, on_round=on_round, am=sim.am,
-                              say=lambda line: console.print(line, soft_wrap=True),
-                              provenance={"device": str(session.device)})
+            key = base_key(cfg)
+            row = run_engine(sim.engine, out_dir, data, resume=resume, on_round=on_round, am=sim.am,
+                             say=lambda line: console.print(line, soft_wrap=True),
+                             provenance={"device": str(session.device)}, base=session.base_evals.get(key))
+            session.base_evals[key] = json.loads((out_dir / "results.json").read_text())["base_eval"]
+            return row
         finally:
             session.base_model = sim.am.release()
