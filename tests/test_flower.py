@@ -512,8 +512,10 @@ def test_killed_supernode_does_not_stop_the_run(assets, federation):
         received = out / "received.jsonl"
         if not received.is_file():
             return False
-        # setup replies have arrived, so round 1's global phase is being sent now: node 2 dies mid-round
-        if sum(1 for line in received.read_text().splitlines() if '"query.setup"' in line) < NODES:
+        # the base-model evaluation (round 0) has been answered by every node, so round 1's global phase is
+        # being sent now: node 2 dies mid-round
+        rows = [json.loads(line) for line in received.read_text().splitlines()]
+        if sum(1 for r in rows if r["phase"] == "train.local" and r["round"] == 0) < NODES:
             return False
         procs.kill("node2")
         return True

@@ -194,7 +194,7 @@ def test_compare_on_the_ni_config(tiny_dir, tmp_path, capsys):
     code = main(["compare", *_ni_tiny_args(tiny_dir, out), "--methods", "fedit,fedlora_opt"])
     assert code == 0, capsys.readouterr().err
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert set(rows) == {"fedit", "fedlora_opt"}
+    assert set(rows) == {"base model", "fedit", "fedlora_opt"}
     for r in rows.values():
         assert r["unseen_loss"] is not None and r["global_loss"] is not None and r["local_loss"] is not None
     assert rows["fedit"]["global_loss"] != rows["fedlora_opt"]["global_loss"]

@@ -20,9 +20,9 @@ def test_compare_two_methods_on_smollm2(tmp_path, capsys):
     code = main(["compare", "--methods", "fedit,fedlora_opt", "--out", str(out), *sets])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "| fedit |" in printed and "| fedlora_opt |" in printed
+    assert "| base model |" in printed and "| fedit |" in printed and "| fedlora_opt |" in printed
     summary = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in summary["rows"]] == ["fedit", "fedlora_opt"]
+    assert [r["method"] for r in summary["rows"]] == ["base model", "fedit", "fedlora_opt"]
     for r in summary["rows"]:
         assert 0 < r["global_loss"] < 20 and 0 < r["local_loss"] < 20 and r["global_rouge_l"] is not None
     assert (out / "curves.png").stat().st_size > 0 and (out / "per_client_local.png").stat().st_size > 0
