@@ -7,6 +7,8 @@ Everything that depends on the adapter kind is in its class (`fedlora.adapter_ki
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -14,7 +16,9 @@ import torch
 from peft import get_peft_model
 
 from .adapter_kinds import AdapterKind, kind_class, lora_layers
+from .adapter_kinds.base import canonical_adapter_config
 from .core.components import State, clone
+from .model import base_model_id as _base_model_id
 
 
 class AdapterModel:
@@ -97,16 +101,35 @@ class AdapterModel:
         return base
 
     # ------------------------------------------------------------------ export
-    def export_peft(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+    @property
+    def base_model_id(self) -> str:
+        """The base model as exported adapters name it (`model.base_model_id`); "" when not known."""
+        return _base_model_id(self.base_name) if self.base_name else ""
+
+    def export_peft(self, state: Mapping[str, torch.Tensor], out_dir: str | Path, card: str | None = None) -> Path:
         """Write `state` as a plain PEFT adapter that `PeftModel.from_pretrained` loads with no code of ours.
 
         LoRA and DoRA use PEFT's own saving; the other kinds write their effective LoRA factors
-        (see each kind's `export`).
+        (see each kind's `export`). adapter_config.json names the base model by its hub id or directory and
+        is the same bytes for the same state; README.md is a model card (`write_card`, `card`: its body).
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.impl.export(self, state, out)
+        canonical_adapter_config(out, self.base_model_id)
+        self.write_card(out, card)
         return out
+
+    def write_card(self, out: Path, body: str | None = None) -> None:
+        """README.md as the hub and PEFT expect it: a YAML header (`base_model`, `library_name: peft`), then `body`."""
+        base = self.base_model_id
+        if base and not re.fullmatch(r"[\w./-]+", base):
+            base = json.dumps(base)  # YAML reads a JSON string as it is
+        head = ["---", *([f"base_model: {base}"] if base else []), "library_name: peft", "tags:", "- lora",
+                "- fedlora", "---", ""]
+        body = body or (f"# LoRA adapter (fedlora adapter kind {self.kind!r})\n\n"
+                        f"Load it with `PeftModel.from_pretrained(base_model, this_directory)`.\n")
+        (Path(out) / "README.md").write_text("\n".join(head) + body)
 
 
 def _target_error(targets, err):

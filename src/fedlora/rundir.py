@@ -20,6 +20,7 @@ from . import results as res
 from .checkpoint import Checkpoint, CheckpointError, CheckpointStore, is_due
 from .config import dump_config
 from .engine import RoundEngine, RoundRecord, global_model_note
+from .model import base_model_id
 
 Say = Callable[[str], None]
 
@@ -108,7 +109,7 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
     if cfg.output.plots:
         res.plot_curves({cfg.method: history}, out / "curves.png", base=base)
     if cfg.output.save_adapters:
-        write_adapters(engine, out, am)
+        write_adapters(engine, out, am, data=data, base=base)
     # written last: its presence means the run finished (see `fedlora run --resume`)
     res.write_json(out / "results.json", {
         "summary": row, "base": base_row, "base_eval": base, "history": history, "method": engine.method.summary,
@@ -118,9 +119,52 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
     return {**row, "base": base_row}
 
 
-def write_adapters(engine: RoundEngine, out: Path, am) -> None:
-    """adapters/global/: exactly the server's state; adapters/clients/: local models where the runtime has them."""
+def write_adapters(engine: RoundEngine, out: Path, am, *, data=None, base: dict | None = None) -> None:
+    """adapters/global/: exactly the server's state; adapters/clients/: local models where the runtime has them;
+    in each a model card (README.md: method, round, data, base model, scores)."""
     adapters = out / "adapters"
-    am.export_peft(engine.server.global_state, adapters / "global")
+    am.export_peft(engine.server.global_state, adapters / "global", card=model_card(engine, data, base, None))
     torch.save({k: v.detach().cpu() for k, v in engine.server.global_state.items()}, out / "global_state.pt")
     engine.transport.export_local(adapters, engine.server.shared_state())
+    for d in sorted((adapters / "clients").glob("client_*")):
+        am.write_card(d, model_card(engine, data, base, int(d.name.removeprefix("client_"))))
+
+
+def model_card(engine: RoundEngine, data, base: dict | None, cid: int | None) -> str:
+    """The body of an exported adapter's README.md: what it is and how well it did, nothing that varies by run."""
+    cfg, m = engine.cfg, engine.method
+    last = next((r for r in reversed(engine.history) if r.eval), None)
+    rnd = engine.history[-1].round if engine.history else 0
+    if cid is None:
+        what, rows = "the server's global model", "the global test set, every label weighted equally"
+        note = global_model_note(m)
+        scores = last.eval["global"] if last else None
+        base_scores = base["global"] if base else None
+    else:
+        what, rows, note = f"client {cid}'s local model (the global model with its personal components)", \
+            f"client {cid}'s own held-out rows", None
+        scores = _client_scores(last.eval if last else None, cid)
+        base_scores = _client_scores(base, cid)
+    lines = [f"# {cfg.method}: {'global' if cid is None else f'client {cid}'} adapter after round {rnd}", "",
+             "A LoRA adapter trained with fedlora (federated LoRA fine-tuning).", "",
+             f"- method: `{cfg.method}` ({m.summary})" if m.summary else f"- method: `{cfg.method}`",
+             f"- adapter: {what}" + (f"; {note}" if note else ""),
+             f"- round: {rnd} of {cfg.federation.rounds}",
+             f"- base model: {base_model_id(cfg.model.name)}",
+             f"- data: `{cfg.data.path}` ({cfg.data.source}" + (f", fingerprint {data.fingerprint}" if data else "")
+             + f"), {cfg.federation.clients} clients, {cfg.data.partition} partition, seed {cfg.seed}"]
+    if scores:
+        line = f"- scores after round {last.round} on {rows}: {_score(scores)}"
+        lines.append(line + (f"; the base model on the same rows: {_score(base_scores)}" if base_scores else ""))
+    lines += ["", "Load it with `PeftModel.from_pretrained(base_model, this_directory)`, or "
+              "`AutoPeftModelForCausalLM.from_pretrained(this_directory)` where the base model resolves.", ""]
+    return "\n".join(lines)
+
+
+def _client_scores(ev: dict | None, cid: int) -> dict | None:
+    rows = (ev or {}).get("local", {}).get("per_client", [])
+    return rows[cid] if cid < len(rows) and rows[cid].get("loss") is not None else None
+
+
+def _score(s: dict) -> str:
+    return f"loss {s['loss']:.4f}" + (f", ROUGE-L {s['rouge_l']:.4f}" if s.get("rouge_l") is not None else "")

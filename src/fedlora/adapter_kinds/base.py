@@ -22,6 +22,23 @@ from ..core.components import Naming
 from ..core.magdir import Axis
 
 
+SET_FIELDS = ("target_modules", "exclude_modules")
+"""PEFT keeps these as sets and writes them in set order, which changes from one process to the next."""
+
+
+def canonical_adapter_config(out: Path, base_model: str | None) -> None:
+    """Rewrite `out`/adapter_config.json the same way every time: `base_model_name_or_path` = `base_model` (when
+    known; a hub id or a local directory that `AutoPeftModelForCausalLM` resolves) and PEFT's sets as sorted lists."""
+    path = out / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if base_model:
+        config["base_model_name_or_path"] = base_model
+    for key in SET_FIELDS:
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
+
+
 def lora_layers(model) -> Iterator[tuple[str, torch.nn.Module]]:
     """(name, module) of every PEFT LoRA layer of `model`."""
     for name, module in model.named_modules():
