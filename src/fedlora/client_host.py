@@ -22,6 +22,7 @@ from .data.examples import Example
 from .data.prompts import Encoded, PromptFormatter
 from .evaluate import evaluate
 from .personal import PersonalStore
+from .training import PhaseStats
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,9 @@ class ClientHost:
 
     # ------------------------------------------------------------------ the global phase
     def global_phases(self, rnd: int, cids: Sequence[int], shared: Mapping,
-                      on_done: Callable[[int], None] | None = None) -> dict[int, ClientUpdate]:
+                      on_done: Callable[[int, PhaseStats], None] | None = None) -> dict[int, ClientUpdate]:
         """Each client's global phase from the server's shared state; its personal store is updated.
+        `on_done(cid, stats)` after each client's phase (progress reports).
 
         With `federation.lockstep` all clients train in one batched forward/backward (fedlora.lockstep).
         """
@@ -71,19 +73,27 @@ class ClientHost:
                 raise RuntimeError(f"refusing to send non-shared parameters to the server: {sorted(leaked)[:3]}")
             updates[cid] = res.update
             if on_done:
-                on_done(cid)
+                on_done(cid, res.stats)
         return updates
 
     # ------------------------------------------------------------------ the local phase and local evaluation
-    def local_round(self, rnd: int, cids_tasks: Mapping[int, LocalTask], shared: Mapping | None) -> dict[int, dict]:
-        """Per client: its local phase on the NEW global state (if asked), then its local model's evaluation."""
+    def local_round(self, rnd: int, cids_tasks: Mapping[int, LocalTask], shared: Mapping | None,
+                    on_done: Callable[[int, PhaseStats], None] | None = None) -> dict[int, dict]:
+        """Per client: its local phase on the NEW global state (if asked), then its local model's evaluation.
+        `on_done(cid, stats)` after each client's local phase."""
         out: dict[int, dict] = {c: {} for c in cids_tasks}
         train = [c for c, t in cids_tasks.items() if t.train and self.method.has_local_phase]
         if train:
             jobs = [(c, rnd, shared, self.store.get(c), self.train_rows[c]) for c in train]
-            for c, (personal, stats) in zip(train, self.client.local_phases(jobs)):
+            if self.cfg.federation.lockstep:
+                results = self.client.local_phases(jobs)
+            else:  # one by one, so that each is reported as it ends (the same results)
+                results = (self.client.local_phase(*job) for job in jobs)
+            for c, (personal, stats) in zip(train, results):
                 self.store.put(c, personal)
                 out[c].update({"local-loss": stats.loss, "local-steps": stats.steps})
+                if on_done:
+                    on_done(c, stats)
         for c, task in cids_tasks.items():
             if task.base:
                 out[c]["eval"] = self.evaluate_base(c)

@@ -15,6 +15,7 @@ ClientApp calls the same `ClientHost`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +25,8 @@ from .client_host import ClientHost, LocalTask
 from .core.aggregate import ClientUpdate
 
 Failed = dict[int, str]
+Progress = Callable[[int, int, str, object, float], None]
+"""progress(round, client id, "global" | "local", the phase's `training.PhaseStats`, seconds it took)."""
 
 
 class Transport(Protocol):
@@ -61,7 +64,7 @@ class InProcessTransport:
 
     runtime = "in-process"
 
-    def __init__(self, host: ClientHost, num_clients: int, progress: Callable[[], None] | None = None):
+    def __init__(self, host: ClientHost, num_clients: int, progress: Progress | None = None):
         self.host, self.n, self.progress = host, num_clients, progress
 
     def prepare(self, rnd: int) -> None:
@@ -73,16 +76,29 @@ class InProcessTransport:
     def round_info(self, sampled: Sequence[int]) -> dict:
         return {}
 
-    def global_phase(self, rnd, cids, shared):
-        def done(cid: int) -> None:
+    def _reporter(self, rnd: int, phase: str):
+        """on_done(cid, stats) for one phase of a round: `progress` with the seconds since the last report."""
+        last = [time.perf_counter()]
+
+        def done(cid: int, stats) -> None:
+            now = time.perf_counter()
             if self.progress is not None:
-                self.progress()
+                self.progress(rnd, cid, phase, stats, now - last[0])
+            last[0] = now
+
+        return done
+
+    def global_phase(self, rnd, cids, shared):
+        report = self._reporter(rnd, "global")
+
+        def done(cid: int, stats) -> None:
+            report(cid, stats)
             fault_point("train", rnd)
 
         return self.host.global_phases(rnd, cids, shared, on_done=done), {}
 
     def local_round(self, rnd, tasks, shared):
-        return self.host.local_round(rnd, tasks, shared), {}
+        return self.host.local_round(rnd, tasks, shared, on_done=self._reporter(rnd, "local")), {}
 
     def state_dict(self) -> dict:
         return {"personal": self.host.store.state_dict()}

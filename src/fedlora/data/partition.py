@@ -95,10 +95,9 @@ def partition(kind: str, labels: list[str], num_clients: int, seed: int, *, alph
               shards_per_client: int = 2, labels_per_client: int = 1, min_size: int = 1,
               assignment: list[list[str]] | None = None) -> list[list[int]]:
     if num_clients > len(labels):
-        raise DataError(f"federation.clients={num_clients} is more clients than the {len(labels)} training rows "
-                        f"left after the global test set, so some clients would get no data: lower "
-                        f"federation.clients to at most {len(labels)}, or use more rows (data.max_rows, a "
-                        f"bigger data file)")
+        raise DataError(f"federation.clients={num_clients} but only {len(labels)} training rows are left after "
+                        f"the global test set, so some clients would get none: lower federation.clients to at "
+                        f"most {len(labels)}, or use more rows (data.max_rows, a bigger data file)")
     if kind == "iid":
         parts = iid(labels, num_clients, seed)
     elif kind == "dirichlet":
