@@ -116,12 +116,25 @@ def test_binary_config_file(kit, tmp_path, capsys):
                    "cannot read config file", kit["victim"])
 
 
-@pytest.mark.parametrize("name", ["missing", "empty_dir"])
-def test_bad_model_path_keeps_the_old_run(kit, capsys, name):
+@pytest.mark.parametrize("name,needle", [("missing", "no such directory"), ("empty_dir", "has no config.json")])
+def test_bad_model_path_keeps_the_old_run(kit, capsys, name, needle):
     """The model loads before `--overwrite` removes anything (it used to remove the old run first)."""
     argv = ["run", "--out", str(kit["victim"]), "--overwrite", *_base(kit["model"], kit["data"]),
             "--set", f"model.name={kit['root'] / name}"]
-    _fails_cleanly(capsys, argv, "cannot load tokenizer", kit["victim"])
+    err = _fails_cleanly(capsys, argv, "cannot load tokenizer", kit["victim"])
+    assert needle in err and "hub" not in err, err
+
+
+@pytest.mark.parametrize("config,needle", [("{broken", "config.json is not valid JSON"),
+                                           ("{}", "does not hold a loadable model: Unrecognized model")])
+def test_a_broken_config_json_is_named(kit, tmp_path, capsys, config, needle):
+    """A local model directory whose config.json is broken is reported as such, not as an unreachable hub."""
+    model = shutil.copytree(kit["model"], tmp_path / "model")
+    (model / "config.json").write_text(config)
+    argv = ["run", "--out", str(kit["victim"]), "--overwrite", *_base(kit["model"], kit["data"]),
+            "--set", f"model.name={model}"]
+    err = _fails_cleanly(capsys, argv, needle, kit["victim"])
+    assert str(model) in err and "hub" not in err, err
 
 
 def test_run_dir_under_a_file(kit, capsys):
@@ -147,6 +160,8 @@ BAD_DATA = [
     ('{"instruction": "a", "response": null}\n'.encode() * 40, "field 'response' is NoneType"),
     (b'[1, 2]\n[3]\n', "is not valid JSON"),
     (ROW.encode() * 4, "Dirichlet partition"),
+    (ROW.encode() * 2, "federation.clients=3 but only 2 training rows are left after the global test set, so some "
+                       "clients would get none: lower federation.clients to at most 2, or use more rows"),
 ]
 
 
