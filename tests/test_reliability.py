@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import small_cfg
 from runkit import metrics_without_wall_time, save_tiny_model, snapshot, write_data
 
@@ -113,14 +114,18 @@ def test_kill9_at_three_points_then_resume_is_bit_identical(tmp_path, capsys):
     code, out_ref = _finish(p_ref)
     assert code == 0, out_ref
 
-    # bit-identical adapters (global + every client's personalized one) and personal states, same metrics
+    # the same files, every one byte for byte (adapters with their config and model card, personal states, ...)
+    # except those that hold wall times, compared without them
     adapters = sorted(p.relative_to(ref) for p in (ref / "adapters").rglob("*.safetensors"))
     assert len(adapters) == 4  # global + clients 0, 1, 2
-    assert adapters == sorted(p.relative_to(run) for p in (run / "adapters").rglob("*.safetensors"))
-    for rel in adapters:
-        assert (ref / rel).read_bytes() == (run / rel).read_bytes(), rel
-    assert (ref / "personal_state.pt").read_bytes() == (run / "personal_state.pt").read_bytes()
-    assert metrics_without_wall_time(ref / "metrics.jsonl") == metrics_without_wall_time(run / "metrics.jsonl")
+    files = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file())
+    assert {"adapters/global/adapter_config.json", "adapters/global/README.md"} <= {str(f) for f in files}
+    for rel in files:
+        if _timed(rel):
+            assert _without_times(ref / rel) == _without_times(run / rel), rel
+        else:
+            assert (ref / rel).read_bytes() == (run / rel).read_bytes(), rel
     a = torch.load(ref / "checkpoints/round-000003/state.pt", weights_only=True)
     b = torch.load(ckpts / "round-000003/state.pt", weights_only=True)
     for k, v in a["server"]["global_state"].items():
@@ -133,6 +138,51 @@ def test_kill9_at_three_points_then_resume_is_bit_identical(tmp_path, capsys):
     assert main(["run", "--resume", str(run)]) == 0
     assert "already finished" in capsys.readouterr().out
     assert snapshot(run) == before
+
+
+# Files that legitimately differ between a resumed run and an uninterrupted one, because they hold wall times (the
+# processes took different times) or say the run was resumed; everything else must be the same bytes.
+#   metrics.jsonl (and each checkpoint's copy): each round's wall_time and its evaluation's wall_time;
+#   results.json: those again in history, the base model's evaluation wall_time, the summary's wall_time, and
+#     provenance.wall_time and provenance.resumed;
+#   results.md: the "wall s" column (the last);
+#   checkpoints/*/manifest.json: elapsed, written (a timestamp), and the hashes and sizes of the timed files;
+#   checkpoints/*/state.pt: the base model's evaluation with its wall_time (the resumed run's comes from the
+#     killed process that evaluated it).
+# And config.yaml (and each checkpoint's copy) names the run's own directory (output.dir): compared without it.
+TIMED = ("metrics.jsonl", "results.json", "results.md", "manifest.json", "state.pt", "config.yaml")
+
+
+def _timed(rel: Path) -> bool:
+    return rel.name in TIMED
+
+
+def _untimed(o):
+    if isinstance(o, dict):
+        return {k: _untimed(v) for k, v in o.items() if k not in ("wall_time", "elapsed", "written", "resumed")}
+    if isinstance(o, (list, tuple)):
+        return [_untimed(v) for v in o]
+    if isinstance(o, torch.Tensor):
+        return (o.dtype, o.shape, o.tolist())
+    return o
+
+
+def _without_times(path: Path):
+    if path.name == "metrics.jsonl":
+        return metrics_without_wall_time(path)
+    if path.name == "config.yaml":
+        config = yaml.safe_load(path.read_text())
+        del config["output"]["dir"]
+        return config
+    if path.name == "results.md":  # drop the last column, "wall s"
+        return [line.rsplit("|", 2)[0] for line in path.read_text().splitlines()]
+    if path.name == "manifest.json":
+        m = json.loads(path.read_text())
+        m["files"] = {k: v for k, v in m["files"].items() if k not in TIMED}
+        return _untimed(m)
+    if path.name == "state.pt":
+        return _untimed(torch.load(path, weights_only=True))
+    return _untimed(json.loads(path.read_text()))
 
 
 # ----------------------------------------------------------------------------- checkpoint store
