@@ -1,4 +1,5 @@
-# Two entry points: `make run` (the default federated job) and `make test` (the test suite).
+# Two entry points: `make run` (the default federated job: FedLoRA-Optimizer vs FedIT vs the base model) and
+# `make test` (the test suite).
 # Both create .venv and install everything on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,8 +11,10 @@ ARGS ?=
 setup:
 	@bash scripts/setup-env.sh
 
+# The default job: the method, a baseline and the base model on the same partitions, with the differences.
+METHODS ?= fedlora_opt,fedit
 run: setup
-	$(VENV)/bin/fedlora run --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/fedlora compare --config $(CONFIG) --methods $(METHODS) $(ARGS)
 
 compare: setup
 	$(VENV)/bin/fedlora compare --config $(CONFIG) $(ARGS)

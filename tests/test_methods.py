@@ -238,7 +238,8 @@ def test_local_only_and_centralized_run(tok, base):
     clean = sim.am.release()
     sim = make_sim(tok, clean, "centralized", "rounds=1")
     sim.run()
-    assert sim.history[-1].sampled == [0] and sim.history[-1].examples == 3 * 2 * 2  # K x S x batch
+    # K clients x (E_g + E_l) steps x batch: equal compute, one phase trains both budgets
+    assert sim.history[-1].sampled == [0] and sim.history[-1].examples == 3 * (2 + 2) * 2
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -284,3 +285,16 @@ def test_local_lr_mult_scales_only_the_local_phase():
     assert ten.global_train == one.global_train
     assert set(ten.local_train) == set(one.local_train) == {"B.mag"}
     assert ten.local_train["B.mag"] == pytest.approx(10.0 * one.local_train["B.mag"])
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedsa", "fedlora_opt", "feddpa"])
+def test_every_method_spends_the_same_steps_per_client_round(tok, method):
+    """Equal compute: one-phase methods train E_g + E_l steps; two-phase methods E_g then E_l (train.equal_steps)."""
+    from tiny import tiny_model
+
+    sim = make_sim(tok, tiny_model(len(tok)), method, "rounds=1", "global_steps=3", "personal_steps=2")
+    assert sim.run()[-1].steps == 5
+    if not sim.method.has_local_phase:
+        sim = make_sim(tok, tiny_model(len(tok)), method, "rounds=1", "global_steps=3", "personal_steps=2",
+                       "train.equal_steps=false")
+        assert sim.run()[-1].steps == 3

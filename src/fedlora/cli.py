@@ -94,7 +94,7 @@ def cmd_run(args, console: Console) -> int:
     out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     row = run_experiment(session, cfg, out)
     print()
-    print(res.results_table([row]))
+    print(res.results_table([row["base"], row]))
     console.print(f"results written to {out}/ (results.json, results.md, metrics.jsonl, curves.png, adapters/)")
     return 0
 
@@ -132,7 +132,7 @@ def cmd_resume(args, console: Console) -> int:
     check_lora_targets(session.base_model, cfg.lora.target_modules)
     row = run_experiment(session, cfg, run, resume=ckpt)
     print()
-    print(res.results_table([row]))
+    print(res.results_table([row["base"], row]))
     console.print(f"results written to {run}/")
     return 0
 
@@ -175,7 +175,7 @@ def cmd_compare(args, console: Console) -> int:
     session.load_model()
     check_lora_targets(session.base_model, cfg.lora.target_modules)
     out = res.prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
-    rows, histories, base_rows = [], {}, []
+    rows, histories, base_rows, per_method = [], {}, [], {}
     t0 = time.perf_counter()
     for m in methods:
         per_seed = []
@@ -192,11 +192,14 @@ def cmd_compare(args, console: Console) -> int:
                 import json
 
                 histories[m] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        per_method[m] = per_seed
         rows.append(_aggregate_rows(per_seed))
         table_rows = [_aggregate_rows(base_rows), *rows]
         (out / "results.md").write_text(res.results_table(table_rows))
         res.write_json(out / "results.json", {"rows": table_rows, "seeds": seeds, "methods": methods})
-    table = res.results_table(table_rows)
+    per_method[res.BASE_LABEL] = base_rows
+    pairs = [(m, res.BASE_LABEL) for m in methods] + [(methods[0], m) for m in methods[1:]]
+    table = res.results_table(table_rows) + "\n" + res.difference_table(per_method, pairs)
     note = ("Global = the model the server holds after aggregation (for a method that keeps a component only on "
             "the clients, that component at its initial value); local = each client's own model on its own test "
             "rows; base model = no adapter, the same test sets.\n")

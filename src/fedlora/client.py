@@ -38,10 +38,15 @@ class FedClient:
         return join(self.am.init_state, shared)
 
     def steps_for(self, num_rows: int, scale: int = 1) -> int:
+        """Steps of the global phase: E_g, or E_g + E_l for a method with no local phase (`train.equal_steps`)."""
         t = self.cfg.train
         if t.local_epochs is not None:
-            return max(1, math.ceil(t.local_epochs * num_rows / (t.batch_size * t.grad_accum))) * scale
-        return t.global_steps * scale
+            steps = max(1, math.ceil(t.local_epochs * num_rows / (t.batch_size * t.grad_accum)))
+        else:
+            steps = t.global_steps
+        if t.equal_steps and not self.method.has_local_phase:
+            steps += t.personal_steps
+        return steps * scale
 
     def _seed(self, cid: int, rnd: int, phase: int) -> tuple[int, int, int, int]:
         return (self.cfg.seed, cid, rnd, phase)

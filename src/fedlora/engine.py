@@ -55,6 +55,8 @@ class RoundRecord:
     rejected: dict[int, str]
     wall_time: float
     eval: dict | None = None
+    steps: float | None = None
+    """Optimizer steps per client that took part (global phase + local phase), the round's mean: equal compute."""
     failed: dict[str, str] = field(default_factory=dict)
     """Clients that did not answer a request this round, and why (a real federation's failures)."""
     info: dict = field(default_factory=dict)
@@ -119,7 +121,7 @@ class RoundEngine:
             self.log(f"round {rnd}: update of client {cid} rejected: {why}")
         new_shared = self.server.shared_state()
 
-        evaluate_now = rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds
+        evaluate_now = rnd == cfg.federation.rounds or (cfg.eval.every > 0 and rnd % cfg.eval.every == 0)
         local = set(replies) if m.has_local_phase and cfg.train.personal_steps > 0 else set()
         asked = (local | (set(self.transport.reachable()) if evaluate_now else set())) - set(failed)
         tasks = {c: LocalTask(train=c in local, evaluate=evaluate_now) for c in sorted(asked)}
@@ -127,13 +129,15 @@ class RoundEngine:
         for c, why in failed2.items():
             failed.setdefault(c, why)
         local_losses = [answers[c]["local-loss"] for c in sorted(local) if "local-loss" in answers.get(c, {})]
+        steps = [int(u.metrics.get("steps", 0)) + int(answers.get(u.client_id, {}).get("local-steps", 0))
+                 for u in updates]
 
         rec = RoundRecord(rnd, sampled, _mean_train_loss(updates),
                           float(np.mean(local_losses)) if local_losses else None,
                           sum(u.num_examples for u in updates),
                           float(np.mean([nbytes(u.state) for u in updates])) if updates and not m.pooled else 0.0,
                           float(nbytes(shared)) if m.shared and not m.pooled else 0.0, rejected, 0.0,
-                          failed={str(c): why for c, why in sorted(failed.items())},
+                          steps=float(np.mean(steps)) if steps else None, failed={str(c): why for c, why in sorted(failed.items())},
                           info=self.transport.round_info(sampled))
         if evaluate_now:
             t = time.perf_counter()

@@ -63,13 +63,18 @@ def provenance(cfg, data, extra: dict | None = None) -> dict:
             "data_fingerprint": data.fingerprint, "versions": _versions(), **(extra or {})}
 
 
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def _fmt(x, digits=4) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
 def results_table(rows: list[dict]) -> str:
     """Markdown table; each row: method, global/local loss and ROUGE-L (mean ± std where several seeds)."""
-    head = ("| method | seeds | global loss | global ROUGE-L | local loss | local ROUGE-L | "
+    head = ("| method | seeds | global loss | global ROUGE-L | local loss | local ROUGE-L | steps/client-round | "
             "up B/client-round | down B/client-round | trainable | communicated | wall s |")
     unseen = any(r.get("unseen_loss") is not None for r in rows)  # Natural Instructions: unseen tasks
     if unseen:
@@ -84,7 +89,7 @@ def results_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r.get('seeds', 1)} | {ms('global_loss')} | {ms('global_rouge_l')} | "
             + (f"{ms('unseen_loss')} | {ms('unseen_rouge_l')} | " if unseen else "") +
-            f"{ms('local_loss')} | {ms('local_rouge_l')} | {r.get('bytes_up', 0):,.0f} | "
+            f"{ms('local_loss')} | {ms('local_rouge_l')} | {_fmt(r.get('steps'), 1)} | {r.get('bytes_up', 0):,.0f} | "
             f"{r.get('bytes_down', 0):,.0f} | {r.get('trainable', 0):,} | {r.get('communicated', 0):,} | "
             f"{r.get('wall_time', 0):.1f} |"
         )
@@ -99,6 +104,7 @@ def summary_row(method: str, history: list[dict], counts: dict, wall: float) -> 
         "global_loss": last["global"]["loss"], "global_rouge_l": last["global"]["rouge_l"],
         "local_loss": last["local"]["loss"], "local_rouge_l": last["local"]["rouge_l"],
         "unseen_loss": last.get("unseen", {}).get("loss"), "unseen_rouge_l": last.get("unseen", {}).get("rouge_l"),
+        "steps": _mean([h.get("steps") for h in history]),
         "bytes_up": sum(h["bytes_up"] for h in history) / max(1, rounds),
         "bytes_down": sum(h["bytes_down"] for h in history) / max(1, rounds),
         **counts, "wall_time": wall,
@@ -200,3 +206,34 @@ def plot_per_client(rows: list[dict], out: Path, seeds: list[int] | None = None)
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+_AXES = (("global_loss", "global loss"), ("global_rouge_l", "global ROUGE-L"), ("local_loss", "local loss"),
+         ("local_rouge_l", "local ROUGE-L"))
+
+
+def difference_table(per_seed: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
+    """Markdown table of paired differences `a - b` per axis, over the seeds both were run on (same partitions).
+
+    Loss: negative means `a` is better; ROUGE-L: positive means `a` is better. With several seeds: mean ± std of the
+    per-seed differences and how many seeds favour `a`.
+    """
+    head = "| difference | " + " | ".join(f"Δ {label}" for _, label in _AXES) + " |"
+    lines = [head, "|---" * (len(_AXES) + 1) + "|"]
+    for a, b in pairs:
+        cells = []
+        for key, _ in _AXES:
+            d = [ra[key] - rb[key] for ra, rb in zip(per_seed[a], per_seed[b])
+                 if ra.get(key) is not None and rb.get(key) is not None]
+            if not d:
+                cells.append("–")
+                continue
+            mean = sum(d) / len(d)
+            better = sum(1 for x in d if (x < 0 if key.endswith("loss") else x > 0))
+            if len(d) == 1:
+                cells.append(f"{mean:+.4f}")
+            else:
+                std = (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
+                cells.append(f"{mean:+.4f} ± {std:.4f} ({better}/{len(d)} better)")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nΔ loss < 0 and Δ ROUGE-L > 0 favour the first model of the pair.\n"

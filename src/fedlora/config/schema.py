@@ -57,7 +57,9 @@ class ModelConfig(_Section):
     name: str = "smollm2"
     """`smollm2` (the embedded SmolLM2-135M-Instruct GGUF), a hub id, or a local directory."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "fast", "float32", "bfloat16"] = "auto"
+    """`auto`: bfloat16 on CUDA, float32 on CPU; `fast`: bfloat16 wherever the hardware computes it natively
+    (CUDA, CPUs with AVX512-BF16 or AMX), else float32 (the default job uses it)."""
     cache_dir: str | None = None
     """Where the converted embedded model is cached (default: $FEDLORA_CACHE or ~/.cache/fedlora)."""
     threads: int | None = None
@@ -195,6 +197,10 @@ class TrainConfig(_Section):
     """If set, replaces global_steps by this many passes over the client's training rows."""
     personal_steps: int = 5
     """Optimizer steps of the local (personal) phase per client per round (E_l)."""
+    equal_steps: bool = True
+    """Equal compute: a method without a local phase (FedIT, FedProx, FFA, FedDoRA, ...) trains global_steps +
+    personal_steps steps in its one phase, so every method spends the same optimizer steps per client-round.
+    false: every method's global phase trains global_steps (an explicit, labelled deviation)."""
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 3e-4
@@ -281,7 +287,7 @@ class EvalConfig(_Section):
     SECTION = "eval"
 
     every: int = 1
-    """Evaluate every k rounds (and always after the last)."""
+    """Evaluate every k rounds (and always after the last; 0: only after the last)."""
     max_examples_per_client: int = 16
     max_global_examples: int = 64
     generate: bool = True
@@ -294,7 +300,7 @@ class EvalConfig(_Section):
     needs data.validation_fraction > 0): local = each client's own, global = all clients' pooled by label."""
 
     def validate(self) -> None:
-        self._positive("every")
+        self._positive("every", allow_zero=True)
         self._positive("max_examples_per_client")
         self._positive("max_global_examples")
         self._positive("max_gen_examples", allow_zero=True)
