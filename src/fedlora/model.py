@@ -37,9 +37,21 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 is much faster than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`model.dtype`: `auto` = bfloat16 on CUDA, float32 on a CPU; `fast` = bfloat16 wherever the hardware computes it
+    natively (CUDA, or a CPU with AVX512-BF16/AMX), else float32. Adapters stay float32 either way (PEFT's default)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "fast":
+        return torch.bfloat16 if device.type == "cuda" or cpu_computes_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
