@@ -130,9 +130,9 @@ class RoundProgress:
     so far, counted from the start of the first phase (evaluation included, the base model's excluded).
     """
 
-    def __init__(self, console: Console, sim: Simulation, label: str, start_round: int):
+    def __init__(self, console: Console, sim: Simulation, start_round: int):
         cfg, m = sim.cfg, sim.method
-        self.console, self.label, self.rounds = console, label, cfg.federation.rounds
+        self.console, self.rounds = console, cfg.federation.rounds
         self.plan: dict[int, tuple[int, int]] = {}
         """round -> (clients in each phase, steps of the round)."""
         for r in range(start_round, self.rounds + 1):
@@ -143,10 +143,10 @@ class RoundProgress:
         self.done, self.clients, self.t0 = 0, 0, None
         self.bar: Progress | None = None
         if console.is_terminal:
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                 TextColumn("steps"), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
-                                console=console, transient=True)
-            self.task = self.bar.add_task(f"{label} · round {start_round}/{self.rounds}", total=self.total, eta="-")
+                                console=console, transient=True)  # fits 80 columns
+            self.task = self.bar.add_task(f"round {start_round}/{self.rounds}", total=self.total, eta="-")
 
     def __enter__(self) -> RoundProgress:
         if self.bar is not None:
@@ -171,8 +171,8 @@ class RoundProgress:
         per_phase = self.plan.get(rnd, (1, 0))[0]
         self.clients = self.clients % per_phase + 1
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.done, eta=self.eta(), description=f"{self.label} · round "
-                            f"{rnd}/{self.rounds} · {phase} phase, {self.clients}/{per_phase} clients done")
+            self.bar.update(self.task, completed=self.done, eta=self.eta(),
+                            description=f"round {rnd}/{self.rounds}: {phase} phase, {self.clients}/{per_phase} clients")
         else:
             steps = f"{stats.steps} step" + ("s" if stats.steps != 1 else "")
             self.console.print(f"round {rnd} client {cid} {phase} phase: {steps}, loss {stats.loss:.4f}, "
@@ -185,7 +185,7 @@ class RoundProgress:
         self.clients = 0
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, eta=self.eta(),
-                            description=f"{self.label} · round {min(rnd + 1, self.rounds)}/{self.rounds}")
+                            description=f"round {min(rnd + 1, self.rounds)}/{self.rounds}")
 
 
 def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partition: bool = True,
@@ -202,7 +202,7 @@ def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partiti
         print_partition(console, data)
     session.load_model()
     sim = Simulation(cfg, session.tokenizer, session.base_model, data, log=lambda m: console.print(f"[yellow]{m}"))
-    progress = RoundProgress(console, sim, f"{cfg.method} seed {cfg.seed}", resume.round + 1 if resume else 1)
+    progress = RoundProgress(console, sim, resume.round + 1 if resume else 1)
     sim.transport.progress = progress
 
     def round_done(rec: RoundRecord) -> None:
