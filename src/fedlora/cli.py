@@ -95,7 +95,8 @@ def cmd_run(args, console: Console) -> int:
     row = run_experiment(session, cfg, out)
     print()
     print(res.results_table([row["base"], row]))
-    console.print(f"results written to {out}/ (results.json, results.md, metrics.jsonl, curves.png, adapters/)")
+    console.print(f"results written to {out}/ (results.json, results.md, metrics.jsonl, curves.png, adapters/)",
+                  soft_wrap=True)
     return 0
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from rouge_score import rouge_scorer
+from torch.nn.utils import parametrize
 
 from .adapters import AdapterModel
 from .data.examples import Example
 from .data.prompts import PromptFormatter
-from .training import collate, response_loss
+from .training import IGNORE, collate
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -33,15 +35,35 @@ class EvalResult:
 
 
 @torch.no_grad()
-def eval_loss(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example], batch_size: int) -> tuple[float, int]:
+def row_losses(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example],
+               batch_size: int) -> list[tuple[float, int]]:
+    """(summed response-token loss, response tokens) of every example, in batches of similar length."""
     am.model.eval()
-    total, tokens = 0.0, 0
     encoded = [fmt.encode(e) for e in examples]
-    for i in range(0, len(encoded), batch_size):
-        batch = collate(encoded[i:i + batch_size], fmt.tok.pad_token_id, am.device)
-        loss, n = response_loss(am, batch)
-        total += float(loss)
-        tokens += n
+    order = sorted(range(len(encoded)), key=lambda k: len(encoded[k].input_ids))  # less padding
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    inner = am.model.get_base_model()
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        batch = collate([encoded[k] for k in idx], fmt.tok.pad_token_id, am.device)
+        hidden = inner.get_decoder()(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE
+        logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
+        per_token = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        row = keep.nonzero()[:, 0]
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=per_token.device).index_add_(
+            0, row, per_token.double())
+        counts = keep.sum(1)
+        for j, k in enumerate(idx):
+            out[k] = (float(sums[j]), int(counts[j]))
+    return out
+
+
+def eval_loss(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example], batch_size: int) -> tuple[float, int]:
+    losses = row_losses(am, fmt, examples, batch_size)
+    total, tokens = sum(l for l, _ in losses), sum(n for _, n in losses)
     return (total / tokens if tokens else float("nan")), tokens
 
 
@@ -71,11 +93,30 @@ def generate(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example]
 
 def evaluate(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example], eval_cfg,
              max_examples: int) -> EvalResult:
-    chosen = list(examples[:max_examples])
-    loss, tokens = eval_loss(am, fmt, chosen, eval_cfg.batch_size)
-    score = None
-    if eval_cfg.generate and eval_cfg.max_gen_examples > 0:
-        gen_set = chosen[: eval_cfg.max_gen_examples]
-        preds = generate(am, fmt, gen_set, eval_cfg.max_new_tokens, eval_cfg.batch_size)
-        score = sum(rouge_l(p, e.all_references()) for p, e in zip(preds, gen_set)) / len(gen_set)
-    return EvalResult(loss, score, len(chosen), tokens)
+    """Loss on the first `max_examples` rows, ROUGE-L on the first `eval.max_gen_examples` of them."""
+    return evaluate_groups(am, fmt, {0: examples}, eval_cfg, max_examples)[0]
+
+
+def evaluate_groups(am: AdapterModel, fmt: PromptFormatter, groups: Mapping[Hashable, Sequence[Example]], eval_cfg,
+                    max_examples: int) -> dict[Hashable, EvalResult]:
+    """`evaluate` of several row sets (e.g. the global test set's categories) at once: the rows of all groups share
+    batches, so many small groups cost what one large set costs; each group's numbers are its own.
+
+    Parametrized weights (the magnitude/direction factors) are composed once for the whole evaluation
+    (`parametrize.cached`), not at every forward of every generated token.
+    """
+    chosen = {g: list(rows[:max_examples]) for g, rows in groups.items()}
+    flat = [(g, e) for g, rows in chosen.items() for e in rows]
+    gen = [(g, e) for g, rows in chosen.items() for e in rows[: eval_cfg.max_gen_examples]] \
+        if eval_cfg.generate and eval_cfg.max_gen_examples > 0 else []
+    with parametrize.cached():
+        losses = row_losses(am, fmt, [e for _, e in flat], eval_cfg.batch_size)
+        preds = generate(am, fmt, [e for _, e in gen], eval_cfg.max_new_tokens, eval_cfg.batch_size) if gen else []
+    out = {}
+    for g, rows in chosen.items():
+        mine = [lt for (gg, _), lt in zip(flat, losses) if gg == g]
+        total, tokens = sum(l for l, _ in mine), sum(n for _, n in mine)
+        scores = [rouge_l(p, e.all_references()) for (gg, e), p in zip(gen, preds) if gg == g]
+        out[g] = EvalResult(total / tokens if tokens else float("nan"),
+                            sum(scores) / len(scores) if scores else None, len(rows), tokens)
+    return out

@@ -16,7 +16,7 @@ from .adapters import AdapterModel
 from .core.components import State
 from .data.federated import FederatedData
 from .data.prompts import PromptFormatter
-from .evaluate import evaluate
+from .evaluate import evaluate_groups
 
 
 class GlobalEvaluator:
@@ -53,7 +53,7 @@ class GlobalEvaluator:
         """Per-label evaluation, then the unweighted mean over labels (each category/task counts equally)."""
         e = self.cfg.eval
         per = max(1, e.max_global_examples // max(1, len(sets)))
-        results = {lab: evaluate(self.am, self.fmt, exs, e, per) for lab, exs in sets.items()}
+        results = evaluate_groups(self.am, self.fmt, sets, e, per)
         rouges = [r.rouge_l for r in results.values() if r.rouge_l is not None]
         return {
             "loss": float(np.mean([r.loss for r in results.values()])),

@@ -13,14 +13,14 @@ from .core.components import State
 from .data.federated import FederatedData
 from .engine import RoundEngine, RoundRecord, sample_clients
 from .evaluator import GlobalEvaluator
-from .transport import InProcessTransport
+from .transport import InProcessTransport, Progress
 
 __all__ = ["Simulation", "RoundRecord", "sample_clients"]
 
 
 class Simulation:
     def __init__(self, cfg, tokenizer, base_model, data: FederatedData, log: Callable[[str], None] = print,
-                 progress: Callable[[], None] | None = None):
+                 progress: Progress | None = None):
         self.cfg, self.data = cfg, data
         side = build_model_side(cfg, tokenizer, base_model)
         self.method, self.am, self.fmt = side.method, side.am, side.fmt
