@@ -70,12 +70,15 @@ def eval_loss(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example
 @torch.no_grad()
 def generate(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example], max_new_tokens: int,
              batch_size: int) -> list[str]:
-    """Greedy generations, left-padded batches."""
+    """Greedy generations, in the order of `examples`; left-padded batches of prompts of similar length."""
     am.model.eval()
     tok = fmt.tok
-    outs: list[str] = []
-    for i in range(0, len(examples), batch_size):
-        prompts = [fmt.encode_prompt(e, max_new_tokens) for e in examples[i:i + batch_size]]
+    encoded = [fmt.encode_prompt(e, max_new_tokens) for e in examples]
+    order = sorted(range(len(encoded)), key=lambda k: len(encoded[k]))  # less padding, shorter KV caches
+    outs: list[str] = [""] * len(encoded)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        prompts = [encoded[k] for k in idx]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -86,8 +89,8 @@ def generate(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example]
             input_ids=ids.to(am.device), attention_mask=mask.to(am.device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
-        for row in gen[:, width:]:
-            outs.append(tok.decode(row, skip_special_tokens=True).strip())
+        for k, row in zip(idx, gen[:, width:]):
+            outs[k] = tok.decode(row, skip_special_tokens=True).strip()
     return outs
 
 
