@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checkpoint import is_due
 from .client_host import LocalTask
 from .core.aggregate import ClientUpdate
 from .core.components import State, nbytes, numel, select
@@ -91,6 +92,8 @@ class RoundEngine:
         self.transport, self.init_state, self.log, self.min_replies = transport, init_state, log, min_replies
         self.n = cfg.federation.clients
         self.history: list[RoundRecord] = []
+        self.base_eval: dict | None = None
+        """The base model's evaluation (`evaluate_base`), once the run has it."""
 
     # ------------------------------------------------------------------ accounting
     def parameter_counts(self) -> dict:
@@ -98,9 +101,6 @@ class RoundEngine:
         return {"trainable": numel(select(st, set(m.global_train) | set(m.local_train))),
                 "communicated": numel(select(st, m.shared)),
                 "personal": numel(select(st, m.personal))}
-
-    def steps_per_round(self) -> int:
-        return 1 if self.method.pooled else len(sample_clients(self.n, self.cfg.federation.fraction, 0, 1))
 
     # ------------------------------------------------------------------ one round
     def run_round(self, rnd: int) -> RoundRecord:
@@ -121,7 +121,7 @@ class RoundEngine:
             self.log(f"round {rnd}: update of client {cid} rejected: {why}")
         new_shared = self.server.shared_state()
 
-        evaluate_now = rnd == cfg.federation.rounds or (cfg.eval.every > 0 and rnd % cfg.eval.every == 0)
+        evaluate_now = is_due(rnd, cfg.federation.rounds, cfg.eval.every)  # every k rounds and after the last
         local = set(replies) if m.has_local_phase and cfg.train.personal_steps > 0 else set()
         asked = (local | (set(self.transport.reachable()) if evaluate_now else set())) - set(failed)
         tasks = {c: LocalTask(train=c in local, evaluate=evaluate_now) for c in sorted(asked)}

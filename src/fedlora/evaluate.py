@@ -61,12 +61,6 @@ def row_losses(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Exampl
     return out
 
 
-def eval_loss(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example], batch_size: int) -> tuple[float, int]:
-    losses = row_losses(am, fmt, examples, batch_size)
-    total, tokens = sum(l for l, _ in losses), sum(n for _, n in losses)
-    return (total / tokens if tokens else float("nan")), tokens
-
-
 @torch.no_grad()
 def generate(am: AdapterModel, fmt: PromptFormatter, examples: Sequence[Example], max_new_tokens: int,
              batch_size: int) -> list[str]:

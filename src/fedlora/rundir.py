@@ -85,6 +85,7 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
     if base is None:
         base = engine.evaluate_base()
         say("base model (no adapter, before round 1) | " + eval_line(base))
+    engine.base_eval = base
 
     def record(rec: RoundRecord) -> None:
         line = json.dumps(rec.as_dict(), default=float) + "\n"

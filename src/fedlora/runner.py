@@ -215,8 +215,9 @@ def run_experiment(session: Session, cfg: Config, out_dir: Path, *, show_partiti
             key = base_key(cfg)
             row = run_engine(sim.engine, out_dir, data, resume=resume, on_round=round_done, am=sim.am,
                              say=lambda line: console.print(line, soft_wrap=True),
-                             provenance={"device": str(session.device)}, base=session.base_evals.get(key))
-        session.base_evals[key] = json.loads((out_dir / "results.json").read_text())["base_eval"]
+                             provenance={"device": str(session.device), "dtype": str(session.dtype)},
+                             base=session.base_evals.get(key))
+        session.base_evals[key] = sim.engine.base_eval
         return row
     finally:
         session.base_model = sim.am.release()
