@@ -57,7 +57,8 @@ def run_on_flower(cfg, out):
     from fedlora.flower.settings import RunSettings
 
     out.mkdir(parents=True)
-    nodes = {100 + i: {"partition-id": i, "num-partitions": NODES} for i in range(NODES)}
+    nodes = {100 + i: {"partition-id": i, "num-partitions": NODES, "state-dir": str(out / "node-state")}
+             for i in range(NODES)}
     with LoopbackGrid(client_app.app, nodes) as grid:
         row = run_flower(grid, cfg, RunSettings(round_timeout=60.0, node_wait_timeout=5.0), out)
     return row, grid
@@ -104,12 +105,18 @@ def test_flower_and_in_process_hold_the_same_global_model(method, tiny_dir, smal
     if m.shared and ({"B", "B.mag", "B.dir"} & set(m.shared)):
         assert any(torch.count_nonzero(v) for v in b_factors), "the global adapter is the base model"
 
-    # no reply that reached the server carries a personal-only component; train.local replies carry no tensors
+    # one exchange per round: per node, a setup query, then one message a round (the base model's evaluation
+    # rides on round 1's) and one closing message for the last round's local phase and evaluation
+    kinds = [(s.metadata.dst_node_id, s.metadata.message_type) for s in grid.sent]
+    for node in range(100, 100 + NODES):
+        assert [k for n, k in kinds if n == node] == ["query.setup"] + ["train.round"] * 3, kinds
+
+    # no reply that reached the server carries a personal-only component; only a training reply carries tensors
     personal_only = set(m.personal) - set(m.shared)
     for sent, reply in zip(grid.sent, grid.received, strict=True):
         kind = sent.metadata.message_type
         assert not reply.has_error(), reply.error.reason
         for name, rec in reply.content.array_records.items():
-            assert kind == "train.global" and name == "update", (kind, name)
+            assert kind == "train.round" and sent.content["fedlora"]["train"] and name == "update", (kind, name)
             comps = {component_of(k) for k in rec.keys()}
             assert comps == set(m.shared) and not comps & personal_only, comps

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .adapters import AdapterModel
@@ -17,7 +17,7 @@ from .core.methods import Method, build_method
 from .core.robust import RobustOptions
 from .core.server import Server
 from .core.server_opt import build_server_optimizer
-from .data.federated import FederatedData
+from .data.federated import ClientData
 from .data.prompts import PromptFormatter
 from .evaluator import eval_rows
 from .personal import PersonalStore
@@ -50,19 +50,20 @@ def clients_per_round(cfg) -> int:
     return max(1, min(cfg.federation.clients, int(round(cfg.federation.fraction * cfg.federation.clients))))
 
 
-def build_host(cfg, side: ModelSide, data: FederatedData, cids: Sequence[int], store: PersonalStore | None = None,
+def build_host(cfg, side: ModelSide, clients: Mapping[int, ClientData], store: PersonalStore | None = None,
                log: Callable[[str], None] = print) -> ClientHost:
-    """The clients `cids` in this process: their encoded training rows and held-out rows, nobody else's.
+    """The clients hosted in this process (id -> its rows): their encoded training rows and held-out rows,
+    nobody else's.
 
-    The centralized reference (`method.pooled`) is one client 0 that trains on every client's rows, for as
-    many steps as the round's sampled clients together.
+    The centralized reference (`method.pooled`) is one client 0 that trains on every given client's rows, for
+    as many steps as the round's sampled clients together.
     """
     encode = side.fmt.encode
     if side.method.pooled:
-        train = {0: [encode(e) for c in data.clients for e in c.train]}
+        train = {0: [encode(e) for c in clients.values() for e in c.train]}
         scale = clients_per_round(cfg)
     else:
-        train = {c: [encode(e) for e in data.clients[c].train] for c in cids}
+        train = {c: [encode(e) for e in cd.train] for c, cd in clients.items()}
         scale = 1
-    held_out = {c: eval_rows(data, c, cfg.eval.split) for c in cids}
+    held_out = {c: eval_rows(cd, cfg.eval.split) for c, cd in clients.items()}
     return ClientHost(side.am, side.method, cfg, side.fmt, side.pad_id, train, held_out, store, log, scale)

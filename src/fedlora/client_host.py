@@ -35,6 +35,8 @@ class LocalTask:
     """Evaluate its local model (global state + its personal components) on its own held-out rows."""
     base: bool = False
     """Evaluate the base model with no adapter instead (the reference row, before round 1)."""
+    evaluate_global: bool = False
+    """Also evaluate the global model (the server's state as sent) on its own held-out rows: federated evaluation."""
 
 
 class ClientHost:
@@ -60,6 +62,7 @@ class ClientHost:
 
         With `federation.lockstep` all clients train in one batched forward/backward (fedlora.lockstep).
         """
+        self.store.at(rnd, "global")
         jobs = [(cid, rnd, shared, self.store.get(cid), self.train_rows[cid], self.steps(cid)) for cid in cids]
         if self.cfg.federation.lockstep:
             results = self.client.global_phases(jobs)
@@ -79,9 +82,11 @@ class ClientHost:
     # ------------------------------------------------------------------ the local phase and local evaluation
     def local_round(self, rnd: int, cids_tasks: Mapping[int, LocalTask], shared: Mapping | None,
                     on_done: Callable[[int, PhaseStats], None] | None = None) -> dict[int, dict]:
-        """Per client: its local phase on the NEW global state (if asked), then its local model's evaluation.
+        """Per client: its local phase on the NEW global state (if asked), then its local model's evaluation
+        (and the global model's, if asked).
         `on_done(cid, stats)` after each client's local phase."""
         out: dict[int, dict] = {c: {} for c in cids_tasks}
+        self.store.at(rnd, "local")
         train = [c for c, t in cids_tasks.items() if t.train and self.method.has_local_phase]
         if train:
             jobs = [(c, rnd, shared, self.store.get(c), self.train_rows[c]) for c in train]
@@ -97,7 +102,11 @@ class ClientHost:
         for c, task in cids_tasks.items():
             if task.base:
                 out[c]["eval"] = self.evaluate_base(c)
-            elif task.evaluate:
+                continue
+            if task.evaluate_global:
+                self.am.load_state(self.client.full_global_state(shared))
+                out[c]["global-eval"] = self._evaluate(c)
+            if task.evaluate:
                 self.am.load_state(self.local_state(c, shared))
                 out[c]["eval"] = self._evaluate(c)
         return out

@@ -31,7 +31,7 @@ from .core.aggregate import ClientUpdate
 from .core.components import State, nbytes, numel, select
 from .core.methods import Method
 from .core.server import Server
-from .evaluator import GlobalEvaluator, local_summary
+from .evaluator import GlobalEvaluator, federated_summary, local_summary
 from .transport import Transport
 
 Log = Callable[[str], None]
@@ -60,11 +60,13 @@ class RoundRecord:
     """Optimizer steps per client that took part (global phase + local phase), the round's mean: equal compute."""
     failed: dict[str, str] = field(default_factory=dict)
     """Clients that did not answer a request this round, and why (a real federation's failures)."""
+    privacy: dict | None = None
+    """Differential privacy of the round (`core.server.RoundReport.privacy`); None (and not written) when off."""
     info: dict = field(default_factory=dict)
     """Runtime-specific fields (e.g. which node served which client), written at the top level of the row."""
 
     def as_dict(self) -> dict:
-        row = {k: v for k, v in self.__dict__.items() if k != "info"}
+        row = {k: v for k, v in self.__dict__.items() if k != "info" and not (k == "privacy" and v is None)}
         return {**row, **self.info}
 
     @classmethod
@@ -87,13 +89,25 @@ def global_model_note(method: Method) -> str | None:
 
 class RoundEngine:
     def __init__(self, cfg, method: Method, server: Server, evaluator: GlobalEvaluator, transport: Transport,
-                 init_state: State, log: Log = print, min_replies: int = 1):
+                 init_state: State, log: Log = print, min_replies: int = 1, federated_eval: bool = False):
         self.cfg, self.method, self.server, self.evaluator = cfg, method, server, evaluator
         self.transport, self.init_state, self.log, self.min_replies = transport, init_state, log, min_replies
         self.n = cfg.federation.clients
         self.history: list[RoundRecord] = []
         self.base_eval: dict | None = None
-        """The base model's evaluation (`evaluate_base`), once the run has it."""
+        """The base model's evaluation (round 0: fused into round 1's exchange), once the run has it."""
+        self.open: OpenRound | None = None
+        """The round whose local phase and evaluations wait for the next exchange."""
+        self.federated_eval = federated_eval
+        """Clients also evaluate the global model on their own held-out rows (`federated` in each evaluation;
+        the global score when the server holds no global test set, e.g. clients with their own data)."""
+        self.want_base = False
+        """Evaluate the base model in the first exchange (round 0 of the run)."""
+        self.on_round: Callable[[RoundRecord], None] | None = None
+        """Called with each round as it finishes (run_engine writes it)."""
+        self.on_base: Callable[[dict], None] | None = None
+        """Called once the base model's evaluation is known (run_engine prints it)."""
+        self._elapsed = 0.0
 
     # ------------------------------------------------------------------ accounting
     def parameter_counts(self) -> dict:
@@ -102,76 +116,157 @@ class RoundEngine:
                 "communicated": numel(select(st, m.shared)),
                 "personal": numel(select(st, m.personal))}
 
-    # ------------------------------------------------------------------ one round
-    def run_round(self, rnd: int) -> RoundRecord:
-        t0 = time.perf_counter()
+    # ------------------------------------------------------------------ rounds, one exchange each
+    def step(self, rnd: int) -> RoundRecord | None:
+        """Round `rnd`'s one exchange, then its aggregation.
+
+        The exchange carries the server's shared state S_{rnd-1} to the clients, which first finish the open
+        round rnd-1 on it (its local phase and evaluations: S_{rnd-1} is that round's aggregate) and then run
+        round rnd's global phase from it. The server aggregates the uploads into S_rnd, evaluates the global
+        model if due, and leaves round rnd open until the next exchange (`step(rnd + 1)` or `finish()`).
+        Returns the round this exchange finished, if one was open.
+        """
         cfg, m = self.cfg, self.method
         self.transport.prepare(rnd)
         sampled = [0] if m.pooled else sample_clients(self.n, cfg.federation.fraction, cfg.seed, rnd)
         shared = self.server.shared_state()
-        replies, failed = self.transport.global_phase(rnd, sampled, shared)
+        answers, replies, failed = self._exchange(shared, sampled, rnd)
+        finished = self._close(answers, failed, 0.0)
+        t0 = time.perf_counter()
         updates = [replies[c] for c in sorted(replies)]  # aggregation sums in client order, in every runtime
         rejected: dict[int, str] = {}
+        privacy = None
         if m.shared and len(updates) >= self.min_replies:
-            rejected = self.server.aggregate(updates).rejected
+            report = self.server.aggregate(updates)
+            rejected, privacy = report.rejected, report.privacy
         elif m.shared:
             self.log(f"round {rnd}: only {len(updates)} replies (min-replies {self.min_replies}); "
                      f"the global model is not updated this round")
         for cid, why in rejected.items():
             self.log(f"round {rnd}: update of client {cid} rejected: {why}")
-        new_shared = self.server.shared_state()
-
-        evaluate_now = is_due(rnd, cfg.federation.rounds, cfg.eval.every)  # every k rounds and after the last
-        local = set(replies) if m.has_local_phase and cfg.train.personal_steps > 0 else set()
-        asked = (local | (set(self.transport.reachable()) if evaluate_now else set())) - set(failed)
-        tasks = {c: LocalTask(train=c in local, evaluate=evaluate_now) for c in sorted(asked)}
-        answers, failed2 = self.transport.local_round(rnd, tasks, new_shared) if tasks else ({}, {})
-        for c, why in failed2.items():
-            failed.setdefault(c, why)
-        local_losses = [answers[c]["local-loss"] for c in sorted(local) if "local-loss" in answers.get(c, {})]
-        steps = [int(u.metrics.get("steps", 0)) + int(answers.get(u.client_id, {}).get("local-steps", 0))
-                 for u in updates]
-
-        rec = RoundRecord(rnd, sampled, _mean_train_loss(updates),
-                          float(np.mean(local_losses)) if local_losses else None,
-                          sum(u.num_examples for u in updates),
+        failed_now = {c: why for c, why in failed.items() if c in sampled}
+        rec = RoundRecord(rnd, sampled, _mean_train_loss(updates), None, sum(u.num_examples for u in updates),
                           float(np.mean([nbytes(u.state) for u in updates])) if updates and not m.pooled else 0.0,
                           float(nbytes(shared)) if m.shared and not m.pooled else 0.0, rejected, 0.0,
-                          steps=float(np.mean(steps)) if steps else None, failed={str(c): why for c, why in sorted(failed.items())},
+                          failed={str(c): why for c, why in sorted(failed_now.items())}, privacy=privacy,
                           info=self.transport.round_info(sampled))
+        evaluate_now = is_due(rnd, cfg.federation.rounds, cfg.eval.every)  # every k rounds and after the last
+        local = set(replies) if m.has_local_phase and cfg.train.personal_steps > 0 else set()
+        asked = (local | (set(self.transport.reachable()) if evaluate_now else set())) - set(failed_now)
         if evaluate_now:
             t = time.perf_counter()
-            rec.eval = self.evaluate({c: a.get("eval") for c, a in answers.items()})
+            rec.eval = {"split": cfg.eval.split, **self._server_eval(self.server.global_state)}
             rec.eval["wall_time"] = time.perf_counter() - t
-        rec.wall_time = time.perf_counter() - t0
+        self.open = OpenRound(rec, {c: LocalTask(train=c in local, evaluate=evaluate_now,
+                                                 evaluate_global=evaluate_now and self.federated_eval)
+                                    for c in sorted(asked)},
+                              {u.client_id: int(u.metrics.get("steps", 0)) for u in updates},
+                              self._elapsed + time.perf_counter() - t0)
+        return finished
+
+    def finish(self) -> RoundRecord | None:
+        """The closing exchange: the open round's local phase and evaluations, with no global phase."""
+        if self.open is None:
+            return None
+        self.transport.prepare(self.open.record.round + 1)
+        answers, _, failed = self._exchange(self.server.shared_state(), [], self.open.record.round + 1)
+        return self._close(answers, failed, self._elapsed)
+
+    def run_round(self, rnd: int) -> RoundRecord:
+        """Round `rnd` alone, both halves (for callers that drive single rounds)."""
+        self.step(rnd)
+        return self.finish()
+
+    def _exchange(self, shared: State, sampled: list[int], rnd: int):
+        t = time.perf_counter()
+        o = self.open
+        req = Exchange(shared, o.record.round if o else rnd - 1, dict(o.tasks) if o else {}, rnd, sampled)
+        if o is None and self.want_base:  # round 0: the base model on every reachable client, fused into round 1
+            req.tasks = {c: LocalTask(base=True) for c in self.transport.reachable()}
+        answers, replies, failed = self.transport.exchange(req) if req.tasks or req.train else ({}, {}, {})
+        self._elapsed = time.perf_counter() - t
+        if o is None and req.tasks:
+            self.want_base = False
+            self._base(answers, self._elapsed)
+        return answers, replies, failed
+
+    def _close(self, answers: Mapping[int, dict], failed: Mapping[int, str], seconds: float) -> RoundRecord | None:
+        """Finish the open round with its clients' answers (local-phase losses and steps, evaluations)."""
+        o, self.open = self.open, None
+        if o is None:
+            return None
+        rec, t = o.record, time.perf_counter()
+        local_losses = [answers[c]["local-loss"] for c in sorted(o.tasks) if "local-loss" in answers.get(c, {})]
+        rec.local_phase_loss = float(np.mean(local_losses)) if local_losses else None
+        steps = [s + int(answers.get(c, {}).get("local-steps", 0)) for c, s in sorted(o.global_steps.items())]
+        rec.steps = float(np.mean(steps)) if steps else None
+        for c in sorted(o.tasks):
+            if c in failed:
+                rec.failed.setdefault(str(c), failed[c])
+        rec.failed = dict(sorted(rec.failed.items(), key=lambda kv: int(kv[0])))
+        if rec.eval is not None:
+            rec.eval.update(self._client_evals(answers))
+            with_global(rec.eval)["wall_time"] += time.perf_counter() - t
+        rec.wall_time = o.seconds + seconds + time.perf_counter() - t
+        self.history.append(rec)
+        if self.on_round:
+            self.on_round(rec)
         return rec
 
-    def evaluate(self, local: Mapping[int, dict | None]) -> dict:
-        """The global model (the server's state) and the clients' reports on their local models."""
-        out = {"split": self.cfg.eval.split, **self.evaluator.evaluate(self.server.global_state)}
+    # ------------------------------------------------------------------ evaluation
+    def _server_eval(self, state: State | None) -> dict:
+        """The global model (the server's state; None: the base model) on the server's own global sets."""
+        if not self.evaluator.has_sets():
+            return {}
+        out = self.evaluator.evaluate(state) if state is not None else self.evaluator.evaluate_base()
         note = global_model_note(self.method)
-        if note:
+        if note and state is not None:
             out["global"]["note"] = note
-        out["local"] = local_summary(local, self.n)
         return out
+
+    def _client_evals(self, answers: Mapping[int, dict]) -> dict:
+        """The clients' reports: their local models, and (federated evaluation) the global model on their rows."""
+        out = {"local": local_summary({c: a.get("eval") for c, a in answers.items()}, self.n)}
+        if self.federated_eval:
+            out["federated"] = federated_summary({c: a.get("global-eval") for c, a in answers.items()}, self.n)
+        return out
+
+    def _base(self, answers: Mapping[int, dict], seconds: float) -> None:
+        t = time.perf_counter()
+        out = {"split": self.cfg.eval.split, **self._server_eval(None),
+               "local": local_summary({c: a.get("eval") for c, a in answers.items()}, self.n)}
+        if self.federated_eval:  # with no adapter, the global model IS each client's local model
+            out["federated"] = federated_summary({c: a.get("eval") for c, a in answers.items()}, self.n)
+        self.base_eval = with_global(out)
+        self.base_eval["wall_time"] = seconds + time.perf_counter() - t
+        if self.on_base:
+            self.on_base(self.base_eval)
+
+    def evaluate(self, answers: Mapping[int, dict]) -> dict:
+        """The global model (the server's state) and what the clients reported (`ClientHost.local_round`)."""
+        return with_global({"split": self.cfg.eval.split, **self._server_eval(self.server.global_state),
+                            **self._client_evals(answers)})
 
     def evaluate_base(self) -> dict:
-        """The untrained base model on the same global sets and every reachable client's own rows."""
-        t = time.perf_counter()
+        """The base model alone, in an exchange of its own (`run` fuses it into round 1's)."""
         self.transport.prepare(0)
-        answers, _ = self.transport.local_round(0, {c: LocalTask(base=True) for c in self.transport.reachable()},
-                                                None)
-        out = {"split": self.cfg.eval.split, **self.evaluator.evaluate_base(),
-               "local": local_summary({c: a.get("eval") for c, a in answers.items()}, self.n)}
-        out["wall_time"] = time.perf_counter() - t
-        return out
+        self.want_base = True
+        self._exchange(self.server.shared_state(), [], 0)
+        return self.base_eval
 
-    def run(self, on_round: Callable[[RoundRecord], None] | None = None, start_round: int = 1) -> list[RoundRecord]:
-        for rnd in range(start_round, self.cfg.federation.rounds + 1):
-            rec = self.run_round(rnd)
-            self.history.append(rec)
-            if on_round:
-                on_round(rec)
+    def run(self, on_round: Callable[[RoundRecord], None] | None = None, start_round: int = 1,
+            on_checkpoint: Callable[[int], None] | None = None) -> list[RoundRecord]:
+        """Rounds `start_round`..rounds, then the closing exchange. `on_round(rec)` as each round finishes;
+        `on_checkpoint(r)` when the engine's state is a consistent point to save: after round r's aggregation
+        (round r still open), and after the closing exchange (nothing open)."""
+        self.on_round = on_round or self.on_round
+        rounds = self.cfg.federation.rounds
+        for rnd in range(start_round, rounds + 1):
+            self.step(rnd)
+            if on_checkpoint and rnd < rounds:
+                on_checkpoint(rnd)
+        if self.finish() is not None and on_checkpoint:
+            on_checkpoint(rounds)
         return self.history
 
     # ------------------------------------------------------------------ checkpoints
@@ -180,9 +275,11 @@ class RoundEngine:
 
         Client sampling and every training phase are seeded by (seed, round[, client, phase]), so no sampler
         state exists; the global torch RNG is saved anyway, for anything that might draw from it between phases.
+        The open round (aggregated, its local phase still to run) is saved with its tasks.
         """
         return {"runtime": self.transport.runtime, "server": self.server.state_dict(),
-                "torch_rng": torch.get_rng_state(), **self.transport.state_dict()}
+                "torch_rng": torch.get_rng_state(), "open": self.open.as_dict() if self.open else None,
+                "base": self.base_eval, **self.transport.state_dict()}
 
     def load_state_dict(self, state: Mapping, history: Sequence[RoundRecord] = ()) -> None:
         """Restore `state_dict()` (checked against this adapter first: ValueError if it does not fit)."""
@@ -190,7 +287,54 @@ class RoundEngine:
         self.server.load_state_dict(state["server"])
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+        self.open = OpenRound.from_dict(state["open"]) if state.get("open") else None
+        self.base_eval = state.get("base", self.base_eval)
         self.history = list(history)
+
+
+@dataclass
+class Exchange:
+    """One exchange of a round: what each client is asked (see `transport.Transport.exchange`)."""
+
+    shared: State
+    """The server's shared state: the local tasks run on it, the global phases start from it."""
+    task_round: int
+    tasks: dict[int, LocalTask]
+    """The open round's second half, per client: its local phase and/or evaluations (done first)."""
+    train_round: int
+    train: list[int]
+    """Clients that run `train_round`'s global phase and upload their shared components."""
+
+
+@dataclass
+class OpenRound:
+    """A round that is aggregated but whose local phase and evaluations wait for the next exchange."""
+
+    record: RoundRecord
+    tasks: dict[int, LocalTask]
+    global_steps: dict[int, int]
+    seconds: float
+    """Wall time of the round so far (its exchange and the server's work)."""
+
+    def as_dict(self) -> dict:
+        return {"record": self.record.as_dict(), "seconds": self.seconds,
+                "tasks": {str(c): dataclasses.asdict(t) for c, t in self.tasks.items()},
+                "global_steps": {str(c): s for c, s in self.global_steps.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> OpenRound:
+        return cls(RoundRecord.from_dict(d["record"]), {int(c): LocalTask(**t) for c, t in d["tasks"].items()},
+                   {int(c): int(s) for c, s in d["global_steps"].items()}, float(d["seconds"]))
+
+
+def with_global(ev: dict) -> dict:
+    """With federated evaluation, "global" is the clients' example-weighted score of the global model; the
+    server's own test file, if it has one, moves to "server_test". Otherwise "global" is the server's sets."""
+    if "federated" in ev and "server_test" not in ev and ev.get("global") != ev["federated"]:
+        if "global" in ev:
+            ev["server_test"] = ev["global"]
+        ev["global"] = ev["federated"]
+    return ev
 
 
 def _mean_train_loss(updates: Sequence[ClientUpdate]) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .adapters import AdapterModel
 from .core.components import State
-from .data.federated import FederatedData
+from .data.federated import ClientData, FederatedData
 from .data.prompts import PromptFormatter
 from .evaluate import evaluate_groups
 
@@ -22,6 +22,10 @@ from .evaluate import evaluate_groups
 class GlobalEvaluator:
     def __init__(self, am: AdapterModel, fmt: PromptFormatter, data: FederatedData, cfg):
         self.am, self.fmt, self.data, self.cfg = am, fmt, data, cfg
+
+    def has_sets(self) -> bool:
+        """Whether the server holds global test rows (clients with their own data: none, unless a file is given)."""
+        return bool(self.global_sets())
 
     def global_sets(self) -> dict:
         """The global test set by label; on `eval.split=validation`, the clients' validation rows pooled by label."""
@@ -62,10 +66,9 @@ class GlobalEvaluator:
         }
 
 
-def eval_rows(data: FederatedData, cid: int, split: str) -> list:
+def eval_rows(client: ClientData, split: str) -> list:
     """A client's held-out rows for its local evaluation: its test split, or its validation split when tuning."""
-    c = data.clients[cid]
-    return c.validation if split == "validation" else c.test
+    return client.validation if split == "validation" else client.test
 
 
 def local_summary(per_client: Mapping[int, dict | None], num_clients: int) -> dict:
@@ -80,3 +83,22 @@ def local_summary(per_client: Mapping[int, dict | None], num_clients: int) -> di
     return {"loss": float(np.mean(losses)) if losses else float("nan"),
             "rouge_l": float(np.mean(rouges)) if rouges else None,
             "per_client": rows}
+
+
+def federated_summary(per_client: Mapping[int, dict | None], num_clients: int) -> dict:
+    """The global model scored by the clients on their own held-out rows (federated evaluation):
+
+        loss = sum_c n_c * loss_c / sum_c n_c      (n_c: rows client c evaluated; ROUGE-L likewise)
+
+    with each client's numbers in `per_client` (a client that did not report is listed as missing).
+    """
+    rows = local_summary(per_client, num_clients)["per_client"]
+    done = [r for r in rows if r["loss"] is not None and r["examples"] > 0]
+    n = sum(r["examples"] for r in done)
+    rouged = [r for r in done if r["rouge_l"] is not None]
+    return {"loss": sum(r["loss"] * r["examples"] for r in done) / n if n else float("nan"),
+            "rouge_l": (sum(r["rouge_l"] * r["examples"] for r in rouged) / sum(r["examples"] for r in rouged)
+                        if rouged else None),
+            "examples": n, "clients": len(done), "per_client": rows,
+            "note": "federated evaluation: each client scores the global model on its own held-out rows; "
+                    "example-weighted mean"}

@@ -5,7 +5,7 @@ on its client and never leaves it: no message, no server state, no global model 
 `PersonalStore` holds the personal state of the clients hosted in one process:
 
   * the in-process simulator: every client's, in one `PersonalStore` (checkpointed with the run);
-  * a Flower node: its own client's, in the node's `Context.state` (`ContextPersonalStore`).
+  * a Flower node: its own client's, durable in the node's state directory (`DiskPersonalStore`).
 
 What a personal state *means* relative to the global value (a value, or an offset in `offset`
 mode) is the method's business: see `core.protocol`.
@@ -14,6 +14,7 @@ mode) is the method's business: see `core.protocol`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,9 @@ class PersonalStore:
     def put(self, cid: int, state: Mapping[str, torch.Tensor]) -> None:
         if state:
             self._states[int(cid)] = dict(state)
+
+    def at(self, rnd: int, phase: str) -> None:
+        """The phase about to run (a durable store keeps a copy per phase; in memory, only the newest)."""
 
     def clients(self) -> list[int]:
         return sorted(self._states)
@@ -79,28 +83,56 @@ class PersonalStore:
         self._states = states
 
 
-class ContextPersonalStore(PersonalStore):
-    """A Flower node's personal state, kept in its `Context.state` (one ArrayRecord per client it hosts)."""
+class DiskPersonalStore(PersonalStore):
+    """A Flower node's personal state, durable in a directory of its own, so that a node that is killed and
+    restarted (or a server that resumes from an earlier checkpoint) continues with it.
 
-    PREFIX = "fedlora.personal"
+    Every phase that changes it writes a copy, atomically (a temporary file, then a rename), named by its
+    position in the run: `r<round>-<phase>.pt`, phase order global < local. Once a phase of round r is named
+    (`at(r, phase)`), `get` returns the newest copy written *before* that phase until the phase writes its
+    own, so repeating a phase (a resumed server asks again) starts from exactly the state it started from
+    the first time. Copies older
+    than `keep` rounds are removed.
+    """
 
-    def __init__(self, context) -> None:
+    PHASES = {"global": 0, "local": 1}
+
+    def __init__(self, root: Path, cid: int, keep: int = 3) -> None:
         super().__init__()
-        self.context = context
+        self.root, self.cid, self.keep = Path(root), int(cid), max(1, keep)
+        self.position = (1 << 30, 0)  # before any phase is named: the newest copy
+        self.wrote = False  # this phase has written its copy: reads see it
 
-    def _key(self, cid: int) -> str:
-        return f"{self.PREFIX}.{int(cid)}"
+    def at(self, rnd: int, phase: str) -> None:
+        self.position, self.wrote = (int(rnd), self.PHASES[phase]), False
+
+    def _copies(self) -> list[tuple[tuple[int, int], Path]]:
+        out = []
+        for p in self.root.glob("r*-*.pt"):
+            rnd, _, phase = p.stem[1:].partition("-")
+            if rnd.isdigit() and phase in self.PHASES:
+                out.append(((int(rnd), self.PHASES[phase]), p))
+        return sorted(out)
 
     def get(self, cid: int) -> State | None:
-        rec = self.context.state.array_records.get(self._key(cid))
-        return dict(rec.to_torch_state_dict()) if rec is not None else None
+        if int(cid) != self.cid:
+            return None
+        before = [p for pos, p in self._copies() if pos < self.position or (self.wrote and pos == self.position)]
+        return torch.load(before[-1], map_location="cpu", weights_only=True) if before else None
 
     def put(self, cid: int, state: Mapping[str, torch.Tensor]) -> None:
-        from flwr.app import ArrayRecord
-
-        if state:
-            self.context.state[self._key(cid)] = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+        if not state or int(cid) != self.cid:
+            return
+        rnd, phase = self.position
+        name = f"r{rnd:06d}-{next(k for k, v in self.PHASES.items() if v == phase)}.pt"
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}.tmp"
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+        tmp.replace(self.root / name)  # never a torn file under the final name
+        self.wrote = True
+        for pos, p in self._copies():
+            if pos[0] < rnd - self.keep:
+                p.unlink(missing_ok=True)
 
     def clients(self) -> list[int]:
-        n = len(self.PREFIX) + 1
-        return sorted(int(k[n:]) for k in self.context.state.array_records if k.startswith(self.PREFIX + "."))
+        return [self.cid] if self._copies() else []

@@ -1,7 +1,8 @@
 """The one writer of a run directory, and the loop that drives a `RoundEngine` through a whole run.
 
 A run directory holds: `config.yaml` (resolved), `metrics.jsonl` (one line per round), `checkpoints/`
-(the newest two, for resume), and once the run finished `results.md`, `curves.png`, `adapters/global/`
+(the newest two, for resume: a checkpoint of round r is taken after round r's aggregation, with round r's
+local phase still to run; the last one after the closing exchange), and once the run finished `results.md`, `curves.png`, `adapters/global/`
 (the server's global model as a plain PEFT adapter) and `global_state.pt`, the clients' local adapters
 where the runtime has them (`adapters/clients/client_N/`, `personal_state.pt`), and last `results.json`,
 whose presence means the run finished. Every runtime writes it through `run_engine`.
@@ -75,17 +76,18 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
             engine.load_state_dict(resume.state, [RoundRecord.from_dict(json.loads(x)) for x in lines])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"resume: checkpoint {resume.path.name} does not fit this config: {e}") from None
-        base = resume.state.get("base", base)
         say(f"resuming after round {resume.round} of {cfg.federation.rounds} "
             f"(checkpoint {resume.path.relative_to(out)})")
         store.prune()  # leftovers of the crash: torn temporary checkpoints, a checkpoint too many
     res.atomic_write(out / "config.yaml", config_yaml)
     metrics_path = out / "metrics.jsonl"
     res.atomic_write(metrics_path, "".join(lines))
-    if base is None:
-        base = engine.evaluate_base()
-        say("base model (no adapter, before round 1) | " + eval_line(base))
-    engine.base_eval = base
+    if base is not None:
+        engine.base_eval = base
+    engine.want_base = engine.base_eval is None  # evaluated in round 1's exchange
+
+    def show_base(ev: dict) -> None:
+        say("base model (no adapter, before round 1) | " + eval_line(ev))
 
     def record(rec: RoundRecord) -> None:
         line = json.dumps(rec.as_dict(), default=float) + "\n"
@@ -93,14 +95,18 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
         with open(metrics_path, "a") as f:
             f.write(line)
         say(round_line(rec))
-        if is_due(rec.round, cfg.federation.rounds, cfg.output.checkpoint_every):
-            store.save(rec.round, {**engine.state_dict(), "base": base}, lines, config_yaml, data.fingerprint,
-                       elapsed_before + time.perf_counter() - t0)
         if on_round:
             on_round(rec)
 
+    def checkpoint(rnd: int) -> None:
+        if is_due(rnd, cfg.federation.rounds, cfg.output.checkpoint_every):
+            store.save(rnd, engine.state_dict(), lines, config_yaml, data.fingerprint,
+                       elapsed_before + time.perf_counter() - t0)
+
+    engine.on_base = show_base
     start = resume.round + 1 if resume else 1
-    engine.run(on_round=record, start_round=start)
+    engine.run(on_round=record, start_round=start, on_checkpoint=checkpoint)
+    base = engine.base_eval
     history = [json.loads(x) for x in lines]
     wall = elapsed_before + time.perf_counter() - t0
     row = res.summary_row(cfg.method, history, engine.parameter_counts(), wall)

@@ -25,7 +25,7 @@ class Simulation:
         side = build_model_side(cfg, tokenizer, base_model)
         self.method, self.am, self.fmt = side.method, side.am, side.fmt
         n = len(data.clients)
-        self.host = build_host(cfg, side, data, range(n), log=log)
+        self.host = build_host(cfg, side, dict(enumerate(data.clients)), log=log)
         self.server = build_server(cfg, side)
         self.evaluator = GlobalEvaluator(self.am, self.fmt, data, cfg)
         self.transport = InProcessTransport(self.host, n, progress)
@@ -63,9 +63,10 @@ class Simulation:
         """The global model (the server's state) and every client's local model, now."""
         from .client_host import LocalTask
 
-        answers = self.host.local_round(0, {c: LocalTask(evaluate=True) for c in range(len(self.data.clients))},
+        task = LocalTask(evaluate=True, evaluate_global=self.engine.federated_eval)
+        answers = self.host.local_round(0, {c: task for c in range(len(self.data.clients))},
                                         self.server.shared_state())
-        return self.engine.evaluate({c: a.get("eval") for c, a in answers.items()})
+        return self.engine.evaluate(answers)
 
     def state_dict(self) -> dict:
         return self.engine.state_dict()

@@ -1,16 +1,15 @@
 """How the round engine reaches the clients: the small interface every runtime implements.
 
-Two requests make a round (see `engine.RoundEngine`):
+A round is ONE exchange (see `engine.RoundEngine.step`): `exchange(req)` carries the server's shared
+state S to the clients named in `req`; each first finishes the open round on S (its local phase, the
+evaluation of its local model and, with federated evaluation, of the global model S: `req.tasks`), then
+runs the global phase of the next round from S (`req.train`) and replies once: metrics, plus the
+trained shared components if it trained (nothing personal, ever). The last round is finished by a
+closing exchange with no global phase.
 
-  * `global_phase(rnd, cids, shared)`: each client trains from the server's shared state and replies
-    with its update (shared components only);
-  * `local_round(rnd, tasks, shared)`: after aggregation, each client runs its local phase on the new
-    shared state and/or evaluates its local model on its own held-out rows (`LocalTask`), and replies
-    with metrics only.
-
-Each returns (replies by client id, {client id: why it failed}). `InProcessTransport` calls a
-`ClientHost` directly; `flower.transport.FlowerTransport` sends Flower messages to nodes whose
-ClientApp calls the same `ClientHost`.
+It returns (answers by client id: the `ClientHost.local_round` metrics, updates by client id, {client id:
+why it failed}). `InProcessTransport` calls a `ClientHost` directly; `flower.transport.FlowerTransport`
+sends one Flower message per client to nodes whose ClientApp calls the same `ClientHost`.
 """
 
 from __future__ import annotations
@@ -18,11 +17,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .checkpoint import fault_point
-from .client_host import ClientHost, LocalTask
+from .client_host import ClientHost
 from .core.aggregate import ClientUpdate
+
+if TYPE_CHECKING:
+    from .engine import Exchange
 
 Failed = dict[int, str]
 Progress = Callable[[int, int, str, object, float], None]
@@ -36,11 +38,7 @@ class Transport(Protocol):
     def prepare(self, rnd: int) -> None:
         """Before a round: learn which clients are reachable (nodes that left or joined)."""
 
-    def global_phase(self, rnd: int, cids: Sequence[int], shared: Mapping) -> tuple[dict[int, ClientUpdate], Failed]:
-        ...
-
-    def local_round(self, rnd: int, tasks: Mapping[int, LocalTask],
-                    shared: Mapping | None) -> tuple[dict[int, dict], Failed]:
+    def exchange(self, req: Exchange) -> tuple[dict[int, dict], dict[int, ClientUpdate], Failed]:
         ...
 
     def reachable(self) -> list[int]:
@@ -88,17 +86,22 @@ class InProcessTransport:
 
         return done
 
-    def global_phase(self, rnd, cids, shared):
-        report = self._reporter(rnd, "global")
+    def exchange(self, req):
+        """Every client's open-round tasks, then the next round's global phases (the order a node keeps)."""
+        answers = {}
+        if req.tasks:
+            answers = self.host.local_round(req.task_round, req.tasks, req.shared,
+                                            on_done=self._reporter(req.task_round, "local"))
+        updates = {}
+        if req.train:
+            report = self._reporter(req.train_round, "global")
 
-        def done(cid: int, stats) -> None:
-            report(cid, stats)
-            fault_point("train", rnd)
+            def done(cid: int, stats) -> None:
+                report(cid, stats)
+                fault_point("train", req.train_round)
 
-        return self.host.global_phases(rnd, cids, shared, on_done=done), {}
-
-    def local_round(self, rnd, tasks, shared):
-        return self.host.local_round(rnd, tasks, shared, on_done=self._reporter(rnd, "local")), {}
+            updates = self.host.global_phases(req.train_round, req.train, req.shared, on_done=done)
+        return answers, updates, {}
 
     def state_dict(self) -> dict:
         return {"personal": self.host.store.state_dict()}

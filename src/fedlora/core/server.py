@@ -31,6 +31,8 @@ class RoundReport:
     num_examples: int = 0
     clipped: list[int] = field(default_factory=list)
     """Accepted clients whose delta was scaled down to `clip_norm`."""
+    privacy: dict | None = None
+    """Differential privacy of the round (noise, clip, the accountant's epsilon so far); None when DP is off."""
 
 
 def check_update(update: ClientUpdate, expected: Mapping[str, torch.Tensor]) -> str | None:

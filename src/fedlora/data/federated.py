@@ -105,3 +105,20 @@ def build_federated_data(cfg, examples: list[Example], unseen: dict[str, list[Ex
         clients.append(cd)
     return FederatedData(clients=clients, global_test={k: v for k, v in global_test.items() if v},
                          unseen_test=unseen or {}, fingerprint=fp, labels=labels)
+
+
+def own_client_data(cfg, examples: list[Example]) -> ClientData:
+    """A client that holds its own data (a Flower node started with its own data-path): it carves its own
+    seeded test (and validation) split and trains on the rest, with the same data settings as a partition.
+
+    The split depends only on the rows and `cfg.seed`, not on the client id the server assigns, so a node
+    that restarts (or is given another id) holds the same split.
+    """
+    d = cfg.data
+    rng = np.random.default_rng([cfg.seed, 0x0D47A])
+    if d.max_rows is not None and d.max_rows < len(examples):
+        examples = [examples[i] for i in sorted(rng.choice(len(examples), size=d.max_rows, replace=False).tolist())]
+    cd = split_client(examples, d.test_fraction, d.min_test_per_client, d.validation_fraction, rng)
+    if d.max_train_per_client is not None:
+        cd.train = cd.train[: d.max_train_per_client]
+    return cd

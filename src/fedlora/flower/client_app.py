@@ -1,21 +1,22 @@
 """The Flower ClientApp: a thin shell over `ClientHost` (see fedlora.flower.messages for the protocol).
 
-A node is the client `partition-id` of the config the server sends; it builds the same federated
-data as the simulator and keeps that client's rows only (`workspace.client_host`). Its personal
-components (e.g. B.mag of fedlora_opt) are kept in `Context.state` (`personal.ContextPersonalStore`),
-persist across rounds on the node, and are never put in a reply: a global-phase reply holds only the
-method's shared components.
+A node is one client. Either it reads the same dataset as the server and is its partition `partition-id`
+(research runs; the simulator's partitions), or it brings its own data (node config `data-path`, no
+`partition-id`): it carves its own seeded test split, trains on the rest and tells the server only counts;
+the server gives it a client id for the whole run (`workspace.client_host` builds the node's model and rows).
 
-With a node config export-dir, the node also writes its personal state after every round
-(export-dir/personal/round_<r>.pt, with export-dir/run.json naming the run's config). When the
-server resumes a run from a checkpoint of round R, a node that holds no personal state for this run
-reloads the newest of its own files up to round R, so personal state survives a restart of the
-ServerApp (and of the node) without ever leaving the node.
+One `train.round` message per round: the node first finishes the open round on the server's new shared
+state (its local phase and evaluations), then runs the next round's global phase from it, and replies once.
+
+Its personal components (e.g. B.mag of fedlora_opt) are kept durable in the node's state directory
+(`personal.DiskPersonalStore`, one directory per run and client), persist across rounds and across a restart
+of the node, and are never put in a reply: a reply holds only the method's shared components (trained from
+the server's state) and metrics. With node config export-dir the node writes its personalized adapter there
+after the last round.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 
@@ -28,19 +29,6 @@ from .settings import NodeSettings
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context):
-    """Node settings, this machine's config, and this node's client (cached per process) with its personal store."""
-    from ..personal import ContextPersonalStore
-    from .workspace import client_host
-
-    node = NodeSettings.from_node_config(context.node_config)
-    cfg = node.config(str(msg.content[M.CONFIG]["config"]))
-    host = client_host(cfg, node.partition_id)
-    host.store = ContextPersonalStore(context)
-    _restore_if_resumed(host, node, msg)
-    return node, cfg, host
-
-
 def _shared(msg: Message, host, cfg) -> dict:
     """The server's shared state from the message, as the tensors (dtype, device) the wire format promises."""
     from ..core.components import cast_floats, select, transfer_dtype
@@ -49,124 +37,71 @@ def _shared(msg: Message, host, cfg) -> dict:
     return M.from_record(msg.content[M.SHARED], like)
 
 
-def _config_id(cfg_yaml: str) -> str:
-    return hashlib.sha256(cfg_yaml.encode()).hexdigest()[:16]
-
-
-def _restore_if_resumed(host, node: NodeSettings, msg: Message) -> None:
-    """After a resumed server, a node that holds no personal state for this run reloads it from its export-dir."""
-    cid = node.partition_id
-    conf = msg.content[M.CONFIG]
-    resumed = int(conf["resume-round"]) if "resume-round" in conf else 0
-    if resumed <= 0 or host.store.get(cid) is not None:
-        return
-    restored = _restore_personal(node, resumed, _config_id(str(conf["config"])))
-    if restored:
-        host.store.put(cid, restored)
-
-
-def _saved_config_id(export_dir) -> str | None:
-    try:
-        return json.loads((export_dir / "run.json").read_text()).get("config")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _restore_personal(node: NodeSettings, resumed: int, config_id: str):
-    """The newest personal/round_<r>.pt with r <= resumed in export-dir, if it belongs to this run's config."""
-    import torch
-
-    where = f"client {node.partition_id}: the run resumed after round {resumed}"
-    d = node.export_dir
-    if d is None:
-        print(f"{where}, but this node has no export-dir; its personal state starts from the initial value")
-        return None
-    if _saved_config_id(d) != config_id:
-        print(f"{where}, but {d} holds no personal state of this run's config; it starts from the initial value")
-        return None
-    rounds = sorted((int(p.stem.split("_")[1]), p) for p in (d / "personal").glob("round_*.pt")
-                    if p.stem.split("_")[1].isdigit() and int(p.stem.split("_")[1]) <= resumed)
-    if not rounds:
-        return None  # never trained up to that round: the initial value is the right one
-    r, path = rounds[-1]
-    print(f"{where}; personal state reloaded from {path} (round {r})")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
-    """Which client this node is; checks its config and that its data is the server's. Loads no model."""
-    from ..data.federated import build_federated_data, load_examples
-    from ..errors import DataError
+    """Which client this node is (its partition, or its own name and data); loads no model."""
+    from ..errors import ConfigError, DataError
+    from .workspace import node_data
 
     node = NodeSettings.from_node_config(context.node_config)
-    cfg = node.config(str(msg.content[M.CONFIG]["config"]))
-    data = build_federated_data(cfg, *load_examples(cfg, warn=print))
-    expected = str(msg.content[M.CONFIG]["fingerprint"])
-    if data.fingerprint != expected:
-        raise DataError(f"node {node.partition_id}: its data ({cfg.data.path}, fingerprint {data.fingerprint}) "
-                        f"differs from the server's (fingerprint {expected}); every node must read the same "
-                        f"rows to get its partition; set node config data-path")
-    cd = data.clients[node.partition_id]
-    return Message(RecordDict({M.INFO: ConfigRecord({
-        "partition-id": node.partition_id, "num-partitions": cfg.federation.clients,
-        "train-rows": len(cd.train), "test-rows": len(cd.test), "fingerprint": data.fingerprint,
-    })}), reply_to=msg)
-
-
-@app.train("global")
-def train_global(msg: Message, context: Context) -> Message:
-    """The global phase; the reply carries the shared components and nothing personal."""
-    t0 = time.perf_counter()
-    node, cfg, host = _setup(msg, context)
-    cid = node.partition_id
-    rnd = int(msg.content[M.CONFIG]["round"])
-    shared = _shared(msg, host, cfg)
-    u = host.global_phases(rnd, [cid], shared)[cid]
-    metrics = MetricRecord({"partition-id": cid, "num-examples": u.num_examples,
-                            "train-loss": float(u.metrics["train_loss"]), "steps": int(u.metrics["steps"]),
-                            "diverged": int(bool(u.metrics["diverged"])), "seconds": time.perf_counter() - t0})
-    return Message(RecordDict({M.UPDATE: M.to_record(u.state), M.METRICS: metrics}), reply_to=msg)
-
-
-@app.train("local")
-def train_local(msg: Message, context: Context) -> Message:
-    """After aggregation: the local phase on the new global adapter, then (if asked) local evaluation;
-    in round 0, the base model's evaluation (the reference row)."""
-    from ..client_host import LocalTask
-
-    t0 = time.perf_counter()
-    node, cfg, host = _setup(msg, context)
-    cid = node.partition_id
     conf = msg.content[M.CONFIG]
-    rnd = int(conf["round"])
-    task = LocalTask(train=bool(conf["local"]), evaluate=bool(conf["evaluate"]),
-                     base=bool(conf["base"]) if "base" in conf else False)
+    cfg = node.config(str(conf["config"]))
+    mode = str(conf["client-data"]) if "client-data" in conf else "partition"
+    if (mode == "own") != node.own_data:
+        want = ("clients with their own data (node config data-path, no partition-id)" if mode == "own"
+                else "partitions of the shared dataset (node config partition-id)")
+        raise ConfigError(f"node {node.key}: the run expects {want}; this node is configured for the other mode")
+    data, fingerprint = node_data(cfg, node)
+    if not node.own_data and fingerprint != str(conf["fingerprint"]):
+        raise DataError(f"node {node.partition_id}: its data ({cfg.data.path}, fingerprint {fingerprint}) "
+                        f"differs from the server's (fingerprint {conf['fingerprint']}); every node must read "
+                        f"the same rows to get its partition; set node config data-path")
+    info = {"client": node.key, "train-rows": len(data.train), "test-rows": len(data.test),
+            "validation-rows": len(data.validation), "fingerprint": fingerprint}
+    if node.partition_id is not None:
+        info.update({"partition-id": node.partition_id, "num-partitions": cfg.federation.clients})
+    return Message(RecordDict({M.INFO: ConfigRecord(info)}), reply_to=msg)
+
+
+@app.train("round")
+def train_round(msg: Message, context: Context) -> Message:
+    """The open round's tasks for this client (local phase, evaluations), then the next round's global phase;
+    the reply carries the shared components it trained and metrics, nothing personal."""
+    from ..client_host import LocalTask
+    from ..personal import DiskPersonalStore
+    from .workspace import client_host
+
+    t0 = time.perf_counter()
+    node = NodeSettings.from_node_config(context.node_config)
+    conf = msg.content[M.CONFIG]
+    cfg = node.config(str(conf["config"]))
+    cid = int(conf["client-id"])
+    host = client_host(cfg, cid, node)
+    host.store = DiskPersonalStore(node.state_dir / str(conf["run-id"]) / node.key, cid,
+                                   keep=cfg.output.checkpoint_every + 2)
     shared = _shared(msg, host, cfg) if M.SHARED in msg.content.array_records else None
-    out = {"partition-id": cid, **M.local_metrics(host.local_round(rnd, {cid: task}, shared)[cid])}
-    if node.export_dir is not None and shared is not None:
-        _export(node, host, rnd, cfg.federation.rounds, shared, _config_id(str(conf["config"])))
+    out: dict = {"client-id": cid}
+    content = RecordDict()
+    if "task-round" in conf:
+        rnd = int(conf["task-round"])
+        task = LocalTask(train=bool(conf["local"]), evaluate=bool(conf["evaluate"]),
+                         evaluate_global=bool(conf["evaluate-global"]), base=bool(conf["base"]))
+        out.update(M.local_metrics(host.local_round(rnd, {cid: task}, shared)[cid]))
+        if node.export_dir is not None and rnd == cfg.federation.rounds and not task.base:
+            _export(node, host, cid, rnd, shared)
+    if bool(conf["train"]):
+        u = host.global_phases(int(conf["train-round"]), [cid], shared)[cid]
+        out.update({"num-examples": u.num_examples, "train-loss": float(u.metrics["train_loss"]),
+                    "steps": int(u.metrics["steps"]), "diverged": int(bool(u.metrics["diverged"]))})
+        content[M.UPDATE] = M.to_record(u.state)
     out["seconds"] = time.perf_counter() - t0
-    return Message(RecordDict({M.METRICS: MetricRecord(out)}), reply_to=msg)
+    content[M.METRICS] = MetricRecord(out)
+    return Message(content, reply_to=msg)
 
 
-def _export(node: NodeSettings, host, rnd: int, rounds: int, shared, config_id: str) -> None:
-    """export-dir/personal/round_<r>.pt each round (the personal state); export-dir/adapter (PEFT) at the end."""
-    import torch
-
-    from ..results import atomic_write
-
-    d, cid = node.export_dir, node.partition_id
-    d.mkdir(parents=True, exist_ok=True)
-    if _saved_config_id(d) != config_id:
-        atomic_write(d / "run.json", json.dumps({"config": config_id, "partition-id": cid}) + "\n")
-    personal = host.store.get(cid)
-    if personal:
-        (d / "personal").mkdir(exist_ok=True)
-        tmp = d / "personal" / f".round_{rnd}.pt.tmp"
-        torch.save({k: v.detach().cpu() for k, v in personal.items()}, tmp)
-        tmp.replace(d / "personal" / f"round_{rnd}.pt")  # never a torn file under the final name
-    if rnd == rounds:
-        host.am.export_peft(host.local_state(cid, shared), d / "adapter")
-        (d / "client.json").write_text(json.dumps({"partition-id": cid, "round": rnd,
-                                                   "method": host.method.name}) + "\n")
+def _export(node: NodeSettings, host, cid: int, rnd: int, shared) -> None:
+    """export-dir/adapter: the client's personalized model after the last round, as a PEFT adapter."""
+    d = node.export_dir
+    host.am.export_peft(host.local_state(cid, shared), d / "adapter")
+    (d / "client.json").write_text(json.dumps({"client": node.key, "client-id": cid, "round": rnd,
+                                               "method": host.method.name}) + "\n")

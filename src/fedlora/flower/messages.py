@@ -1,15 +1,16 @@
 """The messages between the ServerApp and the ClientApps: types, record names, tensor transport.
 
-  query.setup   server -> node: config (+ the server's data fingerprint)
-                node -> server: partition-id, row counts, data fingerprint
-  train.global  server -> node: config, round, `shared` (the global shared components)
-                node -> server: `update` (the trained shared components ONLY), `metrics`
-  train.local   server -> node: config, round, `shared` (the new global shared components), flags
-                `local` (run the local phase), `evaluate` (evaluate the local model) and `base` (evaluate
-                the base model with no adapter: round 0, the reference row; no `shared`)
-                node -> server: `metrics` (losses, local evaluation) and nothing else
+  query.setup   server -> node: config, run id, client-data mode (+ the server's data fingerprint)
+                node -> server: its client (partition-id, or its own name), row counts
+  train.round   server -> node: config, run id, client id, `shared` (the server's shared state S), and
+                - the open round's tasks for this client (`task-round`; flags `local`: run the local
+                  phase, `evaluate`: evaluate the local model, `evaluate-global`: evaluate the global model S
+                  on its own rows, `base`: evaluate the base model instead, round 0), done first, on S;
+                - `train`: then run round `train-round`'s global phase from S.
+                node -> server: `update` (the trained shared components ONLY, if it trained) and `metrics`
 
-Personal components are kept in the node's `Context.state` (`personal.ContextPersonalStore`) and appear in no message.
+One message per client per round (the last round is finished by one closing message with no global phase).
+Personal components stay in the node's state directory (`personal.DiskPersonalStore`) and appear in no message.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 SETUP = "query.setup"
-GLOBAL = "train.global"
-LOCAL = "train.local"
+ROUND = "train.round"
 
 CONFIG = "fedlora"  # ConfigRecord: config (YAML text), round, flags
 SHARED = "shared"  # ArrayRecord: server -> client
@@ -60,25 +60,27 @@ def from_record(record: ArrayRecord, like: Mapping[str, torch.Tensor]) -> dict[s
     return out
 
 
-_EVAL_FIELDS = {"loss": "eval-loss", "rouge_l": "eval-rouge-l", "examples": "eval-examples", "tokens": "eval-tokens"}
+_EVAL_FIELDS = {"loss": "loss", "rouge_l": "rouge-l", "examples": "examples", "tokens": "tokens"}
+_EVALS = {"eval": "eval-", "global-eval": "global-eval-"}  # answer key -> metric name prefix
 
 
 def local_metrics(answer: Mapping) -> dict:
-    """A `ClientHost.local_round` answer -> the flat metrics of a train.local reply."""
-    out = {k: v for k, v in answer.items() if k != "eval"}
-    for key, name in _EVAL_FIELDS.items():
-        value = answer.get("eval", {}).get(key)
-        if value is not None:
-            out[name] = value
+    """A `ClientHost.local_round` answer -> the flat metrics of a reply."""
+    out = {k: v for k, v in answer.items() if k not in _EVALS}
+    for which, prefix in _EVALS.items():
+        for key, name in _EVAL_FIELDS.items():
+            value = answer.get(which, {}).get(key)
+            if value is not None:
+                out[prefix + name] = value
     return out
 
 
 def local_answer(metrics: Mapping) -> dict:
-    """The flat metrics of a train.local reply -> the `ClientHost.local_round` answer they came from."""
+    """The flat metrics of a reply -> the `ClientHost.local_round` answer they came from."""
     out = {k: metrics[k] for k in ("local-loss", "local-steps") if k in metrics}
-    if "eval-loss" in metrics:
-        out["eval"] = {"loss": float(metrics["eval-loss"]), "rouge_l": metrics.get("eval-rouge-l"),
-                       "examples": int(metrics["eval-examples"]), "tokens": int(metrics["eval-tokens"])}
-        if out["eval"]["rouge_l"] is not None:
-            out["eval"]["rouge_l"] = float(out["eval"]["rouge_l"])
+    for which, prefix in _EVALS.items():
+        if prefix + "loss" in metrics:
+            rouge = metrics.get(prefix + "rouge-l")
+            out[which] = {"loss": float(metrics[prefix + "loss"]), "rouge_l": None if rouge is None else float(rouge),
+                          "examples": int(metrics[prefix + "examples"]), "tokens": int(metrics[prefix + "tokens"])}
     return out

@@ -1,21 +1,24 @@
 """The Flower ServerApp: the round engine (`fedlora.engine.RoundEngine`) with Flower carrying its requests.
 
 The ServerApp builds the server's side only (`workspace.server_side`: the `Server`, the global test
-sets and the model to evaluate the global model it holds), waits for the client nodes, and drives the
-same engine and the same run-directory writer (`fedlora.rundir.run_engine`) as `fedlora run`, over a
-`FlowerTransport`. The global model is the server's state, as in every runtime; local models are
-evaluated on the clients' nodes, and their adapters exported there (node config export-dir).
+sets it holds, if any, and the model to evaluate the global model it holds), waits for the client nodes,
+and drives the same engine and the same run-directory writer (`fedlora.rundir.run_engine`) as `fedlora
+run`, over a `FlowerTransport`: one exchange per round. The global model is the server's state, as in every
+runtime. With a shared dataset (run config client-data=partition) the server evaluates it on the global
+test set; with clients' own data (client-data=own) the server holds no client data and every
+reachable client scores it on its own test split (federated evaluation, example-weighted), and the
+server also scores it on the `global-test` file if one is given. Local models are evaluated on the
+clients' nodes, and their adapters exported there (node config export-dir).
 
-A client that fails or has not answered within `round-timeout` is left out of that request (logged in
+A client that fails or has not answered within `round-timeout` is left out of that exchange (logged in
 the round's `failed`); a round aggregates what arrived if at least `min-replies` did.
 
 Every `output.checkpoint_every` rounds the server writes a checkpoint of what it holds (global state,
-server optimizer state, metrics so far, config, data fingerprint; `fedlora.checkpoint`). Run config
-`resume=true` continues from the last complete one. Client sampling and every client phase are seeded
-by (seed, round[, client, phase]), so there is no sampler state to save. Personal components live on the
-nodes: every message says from which round the run resumed, and a node that holds no personal state
-for this run reloads its own copy from its export-dir (see client_app); without an export-dir it
-starts that client's personal state from its initial value, and says so.
+server optimizer state, metrics so far, the open round, the run's id on the nodes and its clients' names;
+`fedlora.checkpoint`). Run config `resume=true` continues from the last complete one. Client sampling and
+every client phase are seeded by (seed, round[, client, phase]), so there is no sampler state to save.
+Personal components live on the nodes, durable in their state directories, one per run id: a node asked
+to repeat a phase (after a resume) starts it from the personal state it started from the first time.
 """
 
 from __future__ import annotations
@@ -49,15 +52,17 @@ def run_flower(grid: Grid, cfg: Config, settings: RunSettings, out: Path, resume
     if resume is not None and resume.state.get("runtime") != "flower":
         raise CheckpointError(f"run config resume: {resume.path} was written by `fedlora run` (the in-process "
                               f"simulator); resume it with `fedlora run --resume {out}`")
-    ss = server_side(cfg)
+    ss = server_side(cfg, settings)
     if resume is not None and ss.data.fingerprint != resume.fingerprint and not settings.force:
         raise CheckpointError(f"run config resume: the data differ from the run's (fingerprint "
                               f"{resume.fingerprint}, now {ss.data.fingerprint}, data.path={cfg.data.path}); set "
                               f"force=true to continue anyway")
     transport = FlowerTransport(grid, settings, cfg.federation.clients, dump_config(cfg), ss.data.fingerprint, out,
-                                resume_round=resume.round if resume else 0, say=say)
+                                say=say)
+    if resume is not None:
+        transport.load_state_dict(resume.state)  # the run's id on the nodes and its clients' names, before setup
     engine = RoundEngine(cfg, ss.side.method, ss.server, ss.evaluator, transport, ss.side.am.init_state, log=say,
-                         min_replies=settings.min_replies)
+                         min_replies=settings.min_replies, federated_eval=settings.client_data == "own")
     try:
         transport.connect()
         row = run_engine(engine, out, ss.data, resume=resume, say=say, am=ss.side.am, provenance={

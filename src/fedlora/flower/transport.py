@@ -1,17 +1,21 @@
-"""`FlowerTransport`: the round engine's requests as Flower messages to SuperNodes (see `fedlora.transport`).
+"""`FlowerTransport`: the round engine's exchanges as Flower messages to SuperNodes (see `fedlora.transport`).
 
-A node serves the client given by its node config (`partition-id`); the transport learns the
-client -> node map by a `query.setup` message to each new node. A client whose node fails or has not
-answered within `round-timeout` is left out of that request and reported in the round's `failed`; a
-node that the SuperLink no longer lists loses its client until a node for that client (re)joins.
-Every reply is recorded in `received.jsonl` (record names and parameter names only): the audit trail
-that no personal component ever reached the server.
+Each new node is asked who it is (`query.setup`): with a shared dataset it names its partition, which is its
+client id; with clients' own data it names itself (node config client-name, or host and data path) and the
+server gives each name the next free client id, kept for the whole run (and in checkpoints), so a restarted
+node gets its id back. One `train.round` message per client per round carries the shared state, the open
+round's tasks and the global-phase flag; one reply comes back. A client whose node fails or has not answered
+within `round-timeout` is left out of that exchange and reported in the round's `failed`; a node that the
+SuperLink no longer lists loses its client until a node for that client (re)joins. Every reply is recorded
+in `received.jsonl` (record names and parameter names only): the audit trail that no personal component
+ever reached the server.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -31,9 +35,12 @@ class FlowerTransport:
     runtime = "flower"
 
     def __init__(self, grid: Grid, settings: RunSettings, num_clients: int, config_yaml: str, fingerprint: str,
-                 out_dir: Path, resume_round: int = 0, say: Say = print):
+                 out_dir: Path, say: Say = print):
         self.grid, self.settings, self.n = grid, settings, num_clients
-        self.config_yaml, self.fingerprint, self.resume_round, self.say = config_yaml, fingerprint, resume_round, say
+        self.config_yaml, self.fingerprint, self.say = config_yaml, fingerprint, say
+        self.run_id = uuid.uuid4().hex[:16]
+        """This run's id on the nodes (their state directories); a resumed run keeps it (checkpoint)."""
+        self.names: dict[str, int] = {}  # client name (partition or own) -> client id, for the whole run
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.spares: dict[int, int] = {}  # node id -> client id, for a second node of a client (e.g. a restart)
         self.queried: set[int] = set()
@@ -53,40 +60,50 @@ class FlowerTransport:
     def round_info(self, sampled: Sequence[int]) -> dict:
         return {"nodes": {str(c): self.nodes.get(c) for c in sampled}}
 
-    def global_phase(self, rnd, cids, shared):
+    def exchange(self, req):
+        cids = sorted(set(req.tasks) | set(req.train))
         targets = {c: self.nodes[c] for c in cids if c in self.nodes}
-        replies, failed = self._exchange(M.GLOBAL, rnd, targets, shared)
+        flags = {}
+        for c in targets:
+            f = {"client-id": c, "train": c in req.train, "train-round": req.train_round}
+            if c in req.tasks:
+                t = req.tasks[c]
+                f.update({"task-round": req.task_round, "local": t.train, "evaluate": t.evaluate,
+                          "evaluate-global": t.evaluate_global, "base": t.base})
+            flags[c] = f
+        replies, failed = self._exchange(M.ROUND, req.train_round, targets, req.shared, flags)
         failed.update({c: "no node for this client" for c in cids if c not in self.nodes})
-        updates = {}
+        answers, updates = {}, {}
         for cid in sorted(replies):
             try:
-                updates[cid] = _to_update(cid, replies[cid], shared)
+                metrics = replies[cid].content.metric_records[M.METRICS]
+                if cid in req.train:
+                    updates[cid] = _to_update(cid, replies[cid], req.shared)
+                if cid in req.tasks:
+                    answers[cid] = M.local_answer(metrics)
             except (KeyError, TypeError, ValueError) as e:
                 failed[cid] = f"malformed reply ({type(e).__name__}: {e})"
-        self._log_failures(rnd, M.GLOBAL, failed, targets)
-        return updates, failed
-
-    def local_round(self, rnd, tasks: Mapping[int, LocalTask], shared):
-        targets = {c: self.nodes[c] for c in sorted(tasks) if c in self.nodes}
-        flags = {c: {"local": tasks[c].train, "evaluate": tasks[c].evaluate, "base": tasks[c].base} for c in targets}
-        replies, failed = self._exchange(M.LOCAL, rnd, targets, shared, flags)
-        failed.update({c: "no node for this client" for c in tasks if c not in self.nodes})
-        self._log_failures(rnd, M.LOCAL, failed, targets)
-        return {c: M.local_answer(r.content.metric_records.get(M.METRICS, {})) for c, r in replies.items()}, failed
+                updates.pop(cid, None)
+                answers.pop(cid, None)
+        self._log_failures(req.train_round, M.ROUND, failed, targets)
+        return answers, updates, failed
 
     def state_dict(self) -> dict:
-        return {}  # personal state lives on the nodes
+        """The run's id on the nodes and which client each name is (personal state lives on the nodes)."""
+        return {"flower": {"run_id": self.run_id, "names": dict(self.names)}}
 
     def load_state_dict(self, state: Mapping) -> None:
-        return None
+        if "flower" in state:
+            self.run_id = str(state["flower"]["run_id"])
+            self.names = {str(k): int(v) for k, v in state["flower"]["names"].items()}
 
     def export_local(self, adapters_dir: Path, shared: Mapping) -> None:
         return None  # each node writes its own local adapter (node config export-dir)
 
     # ------------------------------------------------------------------ messages
     def _message(self, kind: str, node: int, rnd: int, arrays=None, **flags) -> Message:
-        content = RecordDict({M.CONFIG: ConfigRecord({"config": self.config_yaml, "round": rnd,
-                                                      "resume-round": self.resume_round, **flags})})
+        content = RecordDict({M.CONFIG: ConfigRecord({"config": self.config_yaml, "run-id": self.run_id,
+                                                      "client-data": self.settings.client_data, **flags})})
         if arrays is not None:
             content[M.SHARED] = M.to_record(arrays)
         return Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd),
@@ -149,22 +166,44 @@ class FlowerTransport:
         replies, failed = self._exchange(M.SETUP, 0, {n: n for n in new}, flags={n: fp for n in new})
         for node, why in failed.items():
             self.say(f"node {node} cannot take part: {why}")
+        infos = {}
         for node, reply in replies.items():
             try:
                 info = reply.content.config_records[M.INFO]
-                cid = int(info["partition-id"])
-                if not 0 <= cid < self.n:
-                    raise ValueError(f"partition-id {cid} out of range")
+                infos[node] = (str(info["client"]), info)
             except (KeyError, TypeError, ValueError) as e:
                 self.say(f"node {node} cannot take part: malformed setup reply ({e})")
+        for node, (name, info) in sorted(infos.items(), key=lambda kv: kv[1][0]):  # new names get ids in name order
+            cid = self._client_id(node, name, info)
+            if cid is None:
                 continue
             if cid in self.nodes:
-                self.say(f"node {node} says it is client {cid}, which node {self.nodes[cid]} already is; "
+                self.say(f"node {node} says it is client {cid} ({name}), which node {self.nodes[cid]} already is; "
                          f"kept as a spare for client {cid}")
                 self.spares[node] = cid
                 continue
             self.nodes[cid] = node
-            self.say(f"client {cid}: node {node} ({info['train-rows']} training rows, {info['test-rows']} test rows)")
+            self.say(f"client {cid}: node {node}, {name} ({info['train-rows']} training rows, "
+                     f"{info['test-rows']} test rows)")
+
+    def _client_id(self, node: int, name: str, info) -> int | None:
+        """The client id of a name: its partition, the id it had before in this run, or the next free one."""
+        if self.settings.client_data == "partition":
+            cid = int(info["partition-id"])
+            if not 0 <= cid < self.n:
+                self.say(f"node {node} cannot take part: partition-id {cid} out of range")
+                return None
+        elif name in self.names:
+            cid = self.names[name]
+        else:
+            free = sorted(set(range(self.n)) - set(self.names.values()))
+            if not free:
+                self.say(f"node {node} ({name}) cannot take part: the run's {self.n} clients "
+                         f"(federation.clients) all have a name already")
+                return None
+            cid = free[0]
+        self.names[name] = cid
+        return cid
 
     def _forget_offline(self, rnd: int) -> None:
         """Clients whose node the SuperLink no longer lists (missed heartbeats) have no node until one joins."""
@@ -188,7 +227,8 @@ class FlowerTransport:
         deadline = time.monotonic() + self.settings.node_wait_timeout
         self.say(f"waiting for {need} of {self.n} client nodes")
         while True:
-            self._discover()
+            if len(list(self.grid.get_node_ids())) >= need or time.monotonic() > deadline:
+                self._discover()  # all at once: new clients get their ids in the order of their names
             if len(self.nodes) >= need:
                 return
             if time.monotonic() > deadline:
