@@ -22,6 +22,7 @@ from fedlora.config import (
     load_config,
     rename_notice,
 )
+from fedlora.config.schema import PrivacyConfig
 from fedlora.errors import ConfigError
 
 NOTICE = ("note: train.local_steps is deprecated; it is train.global_steps "
@@ -140,7 +141,7 @@ def test_section_validates_its_own_fields(section, needle):
 def test_every_section_is_checked_by_config():
     cfg = Config()
     assert {type(s) for s in cfg.sections()} == {ModelConfig, DataConfig, LoraConfig, FederationConfig, TrainConfig,
-                                                 MethodConfig, EvalConfig, OutputConfig}
+                                                 MethodConfig, EvalConfig, OutputConfig, PrivacyConfig}
     cfg.validate()
     with pytest.raises(ConfigError, match="^train.batch_size: 0 must be > 0"):
         dataclasses.replace(cfg, train=TrainConfig(batch_size=0)).validate()

@@ -2,6 +2,7 @@
 
 The in-process simulator and the Flower ClientApp both call these two phases; a client is
 identified by its id, its encoded training rows and its personal state, all passed in.
+With `privacy.mode: local` the upload is privatized here, before it leaves the client (`core.dp`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .adapters import AdapterModel
-from .core import protocol
+from .core import dp, protocol
 from .core.aggregate import ClientUpdate
 from .core.components import State, cast_floats, join, nbytes, transfer_dtype
 from .core.methods import Method
@@ -32,6 +33,9 @@ class FedClient:
     def __init__(self, am: AdapterModel, method: Method, cfg, pad_id: int, log=print):
         self.am, self.method, self.cfg, self.pad_id, self.log = am, method, cfg, pad_id, log
         self._lockstep_warned: set[str] = set()
+        opts = dp.DPOptions.from_config(cfg)
+        self.local_dp = opts if opts is not None and opts.mode == "local" else None
+        """Local DP: clip and noise each upload's delta (`core.dp.privatize_upload`); None: off."""
 
     def full_global_state(self, shared: Mapping) -> State:
         """The server sends only shared components; the rest are the seeded init every client shares."""
@@ -74,10 +78,13 @@ class FedClient:
             anchors.append({k: v for k, v in start.items() if k in shared} if m.loss_terms else None)
         trained = self._train(starts, batches, m.global_train, t.lr, keys, lockstep, m.loss_terms, anchors)
         out = []
-        for (cid, _, _, personal, _, _), (state, stats) in zip(jobs, trained):
+        for (cid, rnd, shared, personal, _, _), (state, stats) in zip(jobs, trained):
             upload, new_personal = protocol.after_global_phase(m, state, personal)
             if stats.diverged:  # a NaN loss stops this client's update, not the run
                 upload, new_personal = {}, dict(personal or {})
+            elif self.local_dp is not None and upload:  # noise seeded by (seed, round, client): reproducible
+                gen = dp.noise_generator(self.cfg.seed, rnd, cid, 0xD1)
+                upload, _ = dp.privatize_upload(upload, shared, self.am.axes, self.local_dp, gen)
             upload = cast_floats(upload, transfer_dtype(self.cfg.federation.transfer_dtype))  # what travels
             update = ClientUpdate(cid, upload, stats.examples,
                                   {"train_loss": stats.loss, "steps": stats.steps, "diverged": stats.diverged})

@@ -113,6 +113,20 @@ def summary_row(method: str, history: list[dict], counts: dict, wall: float) -> 
     }
 
 
+def privacy_summary(history: list[dict]) -> dict | None:
+    """The differential privacy of a run (its last round's `privacy` record: ε so far), None when DP was off."""
+    rows = [h["privacy"] for h in history if h.get("privacy")]
+    return dict(rows[-1], rounds=len(rows)) if rows else None
+
+
+def privacy_line(p: dict) -> str:
+    """One line under the results table: the (ε, δ) guarantee and the mechanism behind it."""
+    return (f"\nDifferential privacy ({p['mode']}, client-level): ε = {p['epsilon']:.3f} at δ = {p['delta']:g} after "
+            f"{p['releases']} release(s); noise multiplier z = {p['noise_multiplier']:g}, clipping norm "
+            f"C = {p['clipping_norm']:g}, accounting {p['accounting']}"
+            + (f" (sampling rate q = {p['sample_rate']:.3g})" if p["accounting"] != "none" else "") + ".\n")
+
+
 BASE_LABEL = "base model"
 _PANELS = {(0, 0): ("global", "loss"), (0, 1): ("local", "loss"), (1, 0): ("global", "rouge_l"),
            (1, 1): ("local", "rouge_l")}

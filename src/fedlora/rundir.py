@@ -37,6 +37,8 @@ def round_line(rec: RoundRecord) -> str:
         s += f" | rejected: {sorted(rec.rejected)}"
     if rec.failed:
         s += f" | failed: {sorted(int(c) for c in rec.failed)}"
+    if getattr(rec, "privacy", None):
+        s += f" | DP ε {rec.privacy['epsilon']:.3f} (δ {rec.privacy['delta']:g})"
     return s
 
 
@@ -112,7 +114,9 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
     row = res.summary_row(cfg.method, history, engine.parameter_counts(), wall)
     base_row = res.base_row(base)
     note = global_model_note(engine.method)
-    (out / "results.md").write_text(res.results_table([base_row, row]) + (f"\nGlobal model: {note}.\n" if note else ""))
+    privacy = res.privacy_summary(history)  # None when DP is off: nothing written
+    (out / "results.md").write_text(res.results_table([base_row, row]) + (f"\nGlobal model: {note}.\n" if note else "")
+                                    + (res.privacy_line(privacy) if privacy else ""))
     if cfg.output.plots:
         res.plot_curves({cfg.method: history}, out / "curves.png", base=base)
     if cfg.output.save_adapters:
@@ -120,6 +124,7 @@ def run_engine(engine: RoundEngine, out: Path, data, *, resume: Checkpoint | Non
     # written last: its presence means the run finished (see `fedlora run --resume`)
     res.write_json(out / "results.json", {
         "summary": row, "base": base_row, "base_eval": base, "history": history, "method": engine.method.summary,
+        **({"privacy": privacy} if privacy else {}),
         "provenance": res.provenance(cfg, data, {"wall_time": wall, "runtime": engine.transport.runtime,
                                                  "resumed": bool(resume), **(provenance or {})}),
     })

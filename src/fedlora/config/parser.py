@@ -74,6 +74,8 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:  # YAML 1.1 reads a bare off/on as a bool
+            return "on" if value else "off"
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {allowed}")

@@ -188,6 +188,35 @@ class FederationConfig(_Section):
 
 
 @dataclass
+class PrivacyConfig(_Section):
+    """Client-level differential privacy of the shared components a client uploads (docs/privacy.md, core/dp.py)."""
+
+    SECTION = "privacy"
+
+    mode: Literal["off", "central", "local"] = "off"
+    """`central`: the server clips each client's update to clipping_norm and adds N(0, (z·C/k)²) to their uniform
+    mean (k = clients per round); `local`: each client clips its update and adds N(0, (z·C)²) before upload."""
+    noise_multiplier: float = 1.0
+    """z: the noise's std relative to the clipping norm (central: on the sum of the k clipped updates)."""
+    clipping_norm: float | None = None
+    """C: each client's update (its change of the shared state) is scaled down to at most this L2 norm; required."""
+    delta: float = 1e-5
+    """δ of the reported (ε, δ) guarantee, per client; must be below 1/federation.clients."""
+    accounting: Literal["poisson", "fixed_size", "none"] = "poisson"
+    """central: how client sampling amplifies privacy in the RDP accountant: `poisson` (rate q = k/n, the usual
+    DP-FedAvg account; the engine samples exactly k, so an approximation), `fixed_size` (k of n without
+    replacement, replace-one), `none`. local mode always uses none."""
+
+    def validate(self) -> None:
+        self._positive("noise_multiplier")
+        self._positive("clipping_norm", allow_none=True)
+        self._within("delta", 0, 1, "()")
+        if self.mode != "off" and self.clipping_norm is None:
+            raise ConfigError(f"privacy.clipping_norm: must be set when privacy.mode is '{self.mode}' "
+                              f"(the L2 bound of each client's update)")
+
+
+@dataclass
 class TrainConfig(_Section):
     SECTION = "train"
 
@@ -335,6 +364,7 @@ class Config:
     method_options: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -352,7 +382,7 @@ class Config:
                 f"available: {', '.join(METHODS)}"
             )
         try:
-            METHODS[self.method](self.method_options)
+            method = METHODS[self.method](self.method_options)
         except ValueError as e:  # a policy that contradicts itself, e.g. personal_mode 'reset' of a personal-only part
             raise ConfigError(f"method_options: {e}") from None
         if self.seed < 0:
@@ -361,6 +391,21 @@ class Config:
             section.validate()
         if self.eval.split == "validation" and self.data.validation_fraction <= 0:
             raise ConfigError("eval.split: 'validation' needs data.validation_fraction > 0")
+        if self.privacy.mode != "off":
+            self._check_privacy(method)
+
+    def _check_privacy(self, method) -> None:
+        p, fed = self.privacy, self.federation
+        if method.pooled or not method.shared:
+            raise ConfigError(f"privacy.mode: method '{self.method}' uploads no client updates to protect")
+        if p.delta >= 1 / fed.clients:
+            raise ConfigError(f"privacy.delta: {p.delta!r} must be below 1/federation.clients = {1 / fed.clients:g}")
+        if p.mode == "central":  # the noise is calibrated to the uniform mean of clipped updates
+            for name, off in (("aggregation", "mean"), ("clip_norm", None), ("max_norm_ratio", None)):
+                if getattr(fed, name) != off:
+                    raise ConfigError(f"federation.{name}: {getattr(fed, name)!r} cannot be used with privacy.mode "
+                                      f"'central' (its noise is calibrated to a mean of updates clipped to "
+                                      f"privacy.clipping_norm); use {off if off else 'null'} or privacy.mode local")
 
 
 def validate(cfg: Config) -> None:

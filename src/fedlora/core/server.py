@@ -4,6 +4,9 @@ Validation (keys, shapes, dtypes, NaN/Inf, example counts, and optionally delta 
 the round's median) rejects single updates with a logged reason; the round aggregates the rest.
 `state_dict()` / `load_state_dict()` carry everything the server needs to resume (global state
 and server optimizer state), for the simulator's checkpoints and for a Flower ServerApp alike.
+With client-level differential privacy on (`core.dp`), `central` mode clips every delta and adds noise to
+their uniform mean here; `local` mode aggregates the clients' already noisy uploads with uniform weights; both
+account the budget ε spent so far and report it in `RoundReport.privacy`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import robust
+from . import dp, robust
 from .aggregate import ClientUpdate, direction_aware_mean, renormalize_directions
 from .components import State, cast_floats, clone, component_of, is_direction, select
 from .magdir import Axis, vector_norms
@@ -66,7 +69,7 @@ class Server:
 
     def __init__(self, method: Method, init_state: State, optimizer, direction_axes: Mapping[str, Axis],
                  robust_options: robust.RobustOptions | None = None, keep_direction_scale: bool = False,
-                 transfer_dtype: torch.dtype | None = None):
+                 transfer_dtype: torch.dtype | None = None, privacy: dp.DPOptions | None = None):
         self.method = method
         self.transfer_dtype = transfer_dtype
         """Dtype of what travels (None: the global state's own); the server keeps and aggregates its own dtype."""
@@ -75,6 +78,17 @@ class Server:
         self.optimizer = optimizer
         self.axes = dict(direction_axes)
         self.robust = robust_options or robust.RobustOptions()
+        self.privacy = privacy
+        """Client-level DP (`core.dp.DPOptions`); None: off, and nothing below changes."""
+        if privacy is not None and privacy.mode == "central" and (
+                not self.robust.plain or self.robust.max_norm_ratio is not None):
+            raise ValueError("central DP calibrates its noise to a mean of clipped updates: it needs the plain "
+                             "mean, no clip_norm and no max_norm_ratio")
+        self._dp_releases = 0
+        """central: noisy aggregates published so far (also the key of the next one's noise)."""
+        self._dp_uploads: dict[int, int] = {}
+        """local: noisy uploads received so far, per client."""
+        self._accountant: dp.Accountant | None = None
 
     def shared_state(self) -> State:
         """What is sent down to clients each round (in the transfer dtype); uploads must match it."""
@@ -89,6 +103,10 @@ class Server:
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> RoundReport:
         report = RoundReport()
+        if self.privacy is not None and self.privacy.mode == "local":  # each upload that left a client
+            for u in updates:
+                if u.state:
+                    self._dp_uploads[u.client_id] = self._dp_uploads.get(u.client_id, 0) + 1
         wire, expected = self.shared_state(), self._shared()
         good = []
         for u in updates:
@@ -107,9 +125,12 @@ class Server:
         report.accepted = [u.client_id for u in good]
         report.num_examples = sum(u.num_examples for u in good)
         if not expected or not good:
+            report.privacy = self._privacy_report(report, len(good)) if self.privacy is not None else None
             return report
-        weights = [u.num_examples for u in good]
-        if self.robust.plain:
+        weights = [u.num_examples for u in good] if self.privacy is None else [1] * len(good)  # DP: uniform
+        if self.privacy is not None and self.privacy.mode == "central":
+            mean = self._central_dp_mean(good, expected, report)
+        elif self.robust.plain and self.privacy is None:
             mean = direction_aware_mean([u.state for u in good], weights, self.axes)
         else:
             ds = robust.deltas([u.state for u in good], expected, self.axes)
@@ -123,10 +144,37 @@ class Server:
             mean = robust.apply_delta(expected, robust.combine(ds, weights, self.robust), self.axes)
         delta = {k: mean[k] - expected[k] for k in expected}
         stepped = renormalize_directions(self.optimizer.step(expected, delta), self.axes)
-        if self.keep_direction_scale:
-            stepped = self._rescale_directions(stepped, good, weights)
+        if self.keep_direction_scale:  # under DP the stored norms stay the server's own: no client data in them
+            stepped = (self._rescale_directions(stepped, good, weights) if self.privacy is None
+                       else self._rescale_directions(stepped, [ClientUpdate(-1, expected, 1)], [1]))
         self.global_state.update({k: v.to(expected[k].dtype) for k, v in stepped.items()})
+        if self.privacy is not None:
+            report.privacy = self._privacy_report(report, len(good))
         return report
+
+    # ------------------------------------------------------------------ differential privacy
+    def _central_dp_mean(self, good: Sequence[ClientUpdate], expected: State, report: RoundReport) -> State:
+        """global ⊕ ((1/k) Σ clip_C(Δ_i) + N(0, (z·C/k)²)), seeded by (seed, release): see `core.dp`."""
+        opts = self.privacy
+        ds = robust.deltas([u.state for u in good], expected, self.axes)
+        self._dp_releases += 1
+        noisy, was, _ = dp.central_mean(ds, opts, dp.noise_generator(opts.seed, self._dp_releases, 0xDC))
+        report.clipped = [u.client_id for u, w in zip(good, was) if w]
+        return robust.apply_delta(expected, noisy, self.axes)
+
+    def _privacy_report(self, report: RoundReport, aggregated: int) -> dict:
+        opts = self.privacy
+        if self._accountant is None:
+            self._accountant = dp.Accountant(opts)
+        if opts.mode == "central":
+            self._accountant.advance(self._dp_releases)
+            k = max(opts.per_round, aggregated)  # the mean's fixed denominator (`dp.central_mean`)
+            extra = {"noise_std": dp.noise_std(opts.noise_multiplier, opts.clipping_norm, k),
+                     "clipped": len(report.clipped)}
+        else:
+            self._accountant.advance(max(self._dp_uploads.values(), default=0))
+            extra = {"noise_std": dp.noise_std(opts.noise_multiplier, opts.clipping_norm)}
+        return dp.report(opts, self._accountant, aggregated=aggregated, **extra)
 
     def _rescale_directions(self, state: State, good: Sequence[ClientUpdate], weights: Sequence[float]) -> State:
         """Give each aggregated unit direction the clients' mean stored norm.
@@ -148,8 +196,11 @@ class Server:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         """Global state and server optimizer state: all a server needs to continue after a restart."""
-        return {"global_state": clone(self.global_state, "cpu"),
-                "optimizer": _moved(self.optimizer.state_dict(), "cpu")}
+        out = {"global_state": clone(self.global_state, "cpu"),
+               "optimizer": _moved(self.optimizer.state_dict(), "cpu")}
+        if self.privacy is not None:  # the accountant's ledger (and the next central noise key)
+            out["privacy"] = {"releases": self._dp_releases, "uploads": dict(self._dp_uploads)}
+        return out
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore `state_dict()`; refuses (ValueError) a global state that does not fit this adapter."""
@@ -160,6 +211,10 @@ class Server:
         device = next(iter(self.global_state.values())).device if self.global_state else torch.device("cpu")
         self.global_state = clone(g, device)
         self.optimizer.load_state_dict(_moved(state["optimizer"], device))
+        ledger = state.get("privacy") or {}
+        self._dp_releases = int(ledger.get("releases", 0))
+        self._dp_uploads = {int(c): int(n) for c, n in ledger.get("uploads", {}).items()}
+        self._accountant = None
 
 
 def _moved(obj, device):
