@@ -31,6 +31,20 @@ class LoopbackGrid(Grid):
         self.received: list[Message] = []
         self._ids = itertools.count(1)
         self._run = None
+        self.before_push = None
+        """Called with each batch of messages before delivery: a test's faults (e.g. the server dies)."""
+        self.after_push = None
+        """Called with each batch of messages after their replies: a test's faults (a node leaves, joins)."""
+
+    # ------------------------------------------------------------------ a federation's changes
+    def add_node(self, node_id: int, node_config: dict) -> None:
+        """A SuperNode (re)starts: a new node id, a fresh Context (its files on disk are all it keeps)."""
+        self.contexts[node_id] = Context(run_id=RUN_ID, node_id=node_id, node_config=dict(node_config),
+                                         state=RecordDict(), run_config={})
+
+    def remove_node(self, node_id: int) -> dict:
+        """A SuperNode is killed: the SuperLink stops listing it. Returns its node config."""
+        return dict(self.contexts.pop(node_id).node_config)
 
     def __enter__(self) -> LoopbackGrid:
         self._saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
@@ -56,6 +70,9 @@ class LoopbackGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        if self.before_push is not None:
+            self.before_push(self, messages)
         ids = []
         for msg in messages:
             proto = serde.message_to_proto(msg)
@@ -63,6 +80,9 @@ class LoopbackGrid(Grid):
             delivered = serde.message_from_proto(proto)
             self.sent.append(delivered)
             node = delivered.metadata.dst_node_id
+            if node not in self.contexts:  # gone: the message is never answered
+                ids.append(delivered.metadata.message_id)
+                continue
             try:
                 reply = self.client_app(delivered, self.contexts[node])
             except Exception as e:  # a ClientApp that raises answers with an error reply, as under Flower
@@ -71,6 +91,8 @@ class LoopbackGrid(Grid):
             self.received.append(reply)
             self.replies[delivered.metadata.message_id] = reply
             ids.append(delivered.metadata.message_id)
+        if self.after_push is not None:
+            self.after_push(self, messages)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
