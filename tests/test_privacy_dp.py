@@ -152,22 +152,6 @@ def test_sampling_amplifies_and_epsilon_grows_with_rounds():
 # ----------------------------------------------------------------------------- 3./4. runs
 
 
-@pytest.fixture
-def wired(monkeypatch):
-    """Pass the config's DP options to the server that `build.build_server` makes (if it does not yet)."""
-    import fedlora.simulation as sim
-
-    orig = sim.build_server
-
-    def build(cfg, side):
-        server = orig(cfg, side)
-        if server.privacy is None:
-            server.privacy = dp.DPOptions.from_config(cfg)
-        return server
-
-    monkeypatch.setattr(sim, "build_server", build)
-
-
 def _run(tmp_path, tiny_dir, name, *sets):
     out = tmp_path / name
     base = [f"model.name={tiny_dir}", f"data.path={DOLLY}", "max_rows=120", "clients=4", "fraction=0.5", "rounds=3",
@@ -182,7 +166,7 @@ def _run(tmp_path, tiny_dir, name, *sets):
     return out
 
 
-def test_dp_off_changes_nothing(tmp_path, tiny_dir, wired):
+def test_dp_off_changes_nothing(tmp_path, tiny_dir):
     plain = _run(tmp_path, tiny_dir, "plain")
     off = _run(tmp_path, tiny_dir, "off", "privacy.mode=off", "privacy.noise_multiplier=7",
                "privacy.clipping_norm=0.0001", "privacy.accounting=none")
@@ -202,7 +186,7 @@ def test_dp_off_changes_nothing(tmp_path, tiny_dir, wired):
 
 
 @pytest.mark.parametrize("mode", ["central", "local"])
-def test_a_dp_run_reports_epsilon_per_round(tmp_path, tiny_dir, wired, monkeypatch, mode):
+def test_a_dp_run_reports_epsilon_per_round(tmp_path, tiny_dir, monkeypatch, mode):
     calls = []
     real = dp.privatize_upload
     monkeypatch.setattr(dp, "privatize_upload", lambda *a: calls.append(a[3].mode) or real(*a))

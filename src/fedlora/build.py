@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .adapters import AdapterModel
 from .client_host import ClientHost
 from .core.components import transfer_dtype
+from .core.dp import DPOptions
 from .core.methods import Method, build_method
 from .core.robust import RobustOptions
 from .core.server import Server
@@ -43,7 +44,7 @@ def build_server(cfg, side: ModelSide) -> Server:
     return Server(side.method, side.am.init_state, build_server_optimizer(fed), side.am.axes,
                   RobustOptions.from_config(fed),
                   keep_direction_scale=cfg.method_options.direction_scale == "keep",
-                  transfer_dtype=transfer_dtype(fed.transfer_dtype))
+                  transfer_dtype=transfer_dtype(fed.transfer_dtype), privacy=DPOptions.from_config(cfg))
 
 
 def clients_per_round(cfg) -> int:
