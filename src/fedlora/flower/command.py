@@ -6,6 +6,7 @@ For real deployment (flower-superlink, flower-supernode, flwr run) see docs/depl
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the run directory (--out or output.dir) from the server's last checkpoint; "
-                        "virtual nodes keep no files, so personal components restart from their initial value")
+                        "the virtual nodes' personal state is in its node-state/ directory")
     p.add_argument("--force", action="store_true", help="with --resume: continue even if config or data differ")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per virtual client (default 1)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client (default 0; e.g. 0.5)")
@@ -79,6 +80,8 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     from .server_app import make_server_app
 
     logging.getLogger("flwr").propagate = False  # flwr logs through its own handler; no second copy
+    # the virtual nodes keep their personal state in the run directory (Ray's workers inherit the environment)
+    os.environ.setdefault("FEDLORA_NODE_STATE_DIR", str(out.resolve() / "node-state"))
     console.print(f"Flower simulation: {cfg.federation.clients} virtual clients, method {cfg.method}, "
                   f"{cfg.federation.rounds} rounds")
     run_simulation(
