@@ -120,3 +120,21 @@ def test_flower_and_in_process_hold_the_same_global_model(method, tiny_dir, smal
             assert kind == "train.round" and sent.content["fedlora"]["train"] and name == "update", (kind, name)
             comps = {component_of(k) for k in rec.keys()}
             assert comps == set(m.shared) and not comps & personal_only, comps
+
+    # the privacy audit, both directions: every message the server sent carries at most the shared components
+    # (in `shared`), every config record holds no tensor, and no array in any message holds the value of a
+    # client's personal state (which matters where a personal component shares its name with a shared one,
+    # e.g. fedlora_opt's personal B.mag offset beside the global B.mag)
+    for sent in grid.sent:
+        assert set(sent.content.array_records) <= {"shared"}
+        for rec in sent.content.array_records.values():
+            assert {component_of(k) for k in rec.keys()} == set(m.shared)
+        for conf in sent.content.config_records.values():
+            assert all(isinstance(v, (str, int, float, bool)) for v in conf.values())
+    personal = [torch.load(p) for p in (b / "node-state").rglob("*.pt")]
+    assert bool(personal) == bool(m.personal)  # durable on the nodes, for every method that has any
+    values = [v for state in personal for v in state.values() if torch.count_nonzero(v)]
+    for msg in grid.sent + grid.received:
+        for rec in msg.content.array_records.values():
+            for arr in rec.to_torch_state_dict().values():
+                assert not any(arr.shape == v.shape and torch.equal(arr.to(v.dtype), v) for v in values)
