@@ -245,3 +245,23 @@ def test_a_node_that_joins_late_takes_part_from_then_on(tiny_dir, small_data, tm
     assert not rows[1]["failed"] and not rows[2]["failed"]
     assert not rows[2]["eval"]["local"]["per_client"][2].get("missing")
     assert json.loads((out / "results.json").read_text())["base_eval"]["local"]["per_client"][2]["missing"]
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_differential_privacy_on_flower_equals_in_process(mode, tiny_dir, small_data, tmp_path, one_thread):
+    """DP on the Flower runtime: local noise is added on the nodes, central noise on the server; the same noisy
+    global model and the same ε per round as in process."""
+    from test_runtimes import run_in_process
+
+    sets = ["rounds=2", "clients=3", f"privacy.mode={mode}", "privacy.clipping_norm=0.5",
+            "privacy.noise_multiplier=0.8", "privacy.delta=1e-3"]
+    a, b = tmp_path / "in_process", tmp_path / "flower"
+    run_in_process(config("fedit", tiny_dir, small_data, a, *sets), a)
+    b.mkdir()
+    run(LoopbackGrid(client_app.app, partition_nodes(tmp_path / "state")), config("fedit", tiny_dir, small_data, b,
+                                                                                  *sets), b)
+    ra, rb = metrics(a), metrics(b)
+    eps = [r["privacy"]["epsilon"] for r in rb]
+    assert eps == pytest.approx([r["privacy"]["epsilon"] for r in ra]) and eps[0] < eps[1]
+    ga, gb = torch.load(a / "global_state.pt"), torch.load(b / "global_state.pt")
+    assert all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)
