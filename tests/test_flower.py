@@ -1,8 +1,10 @@
-"""The Flower app on loopback: a real SuperLink and three real SuperNodes (subprocesses), `flwr run`.
+"""The Flower app on loopback: a real SuperLink and three real SuperNodes (subprocesses), `flwr run`, over TLS
+with SuperNode authentication (set up with the commands docs/deployment.md gives).
 
 Checks: the final global adapter equals the in-process simulator's on the same config and seed; no
 reply that reached the server holds a personal component; the personal state on a node changed
-across rounds (and equals the simulator's); a SuperNode killed mid-round does not stop the run.
+across rounds (and equals the simulator's); a SuperNode killed mid-round does not stop the run; a SuperNode
+with an unregistered key, and one without TLS, are refused.
 Every process the tests start is stopped by PID (with its descendants), pass or fail.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from certs import node_key, public_key_pem, tls_certificates
 from conftest import DOLLY, REPO
 
 from fedlora.config import dump_config, load_config
@@ -154,7 +158,12 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def federation(assets, tmp_path_factory):
-    """flower-superlink + three flower-supernode processes on loopback, insecure, FLWR_HOME in a temp dir."""
+    """flower-superlink + three flower-supernode processes on loopback, FLWR_HOME in a temp dir; set up as
+    docs/deployment.md says for real machines: TLS (a private CA, made with the doc's commands) and SuperNode
+    authentication (a key per node, registered with `flwr supernode register`; the SuperLink admits no other).
+
+    Two probes start with the nodes and are refused (test_deployment_refuses_...): `stranger`, a SuperNode with
+    a key that was never registered, and `plaintext`, one without TLS."""
     d = tmp_path_factory.mktemp("flower_federation")
     home = d / "flwr_home"
     home.mkdir()
@@ -164,23 +173,73 @@ def federation(assets, tmp_path_factory):
                PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
                FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",  # SuperExecs look for new work every 0.2 s (default 1 s)
                FEDLORA_FAULT=f"@{d / 'fault'}")  # a test writes e.g. checkpoint@2 there to kill the ServerApp
+    tls = tls_certificates(d)
+    keys = {name: node_key(d / "keys" / name) for name in [*(f"node{i}" for i in range(NODES)), "stranger"]}
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{tls["ca"]}"\n')
+    supernode = [str(VENV_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}"]
     procs = Processes(d, env)
     try:
-        procs.start("superlink", [str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                  "--port", str(port)], cwd=d)
+        procs.start("superlink", [str(VENV_BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+                                  "--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]),
+                                  "--ssl-keyfile", str(tls["key"]), "--enable-supernode-auth"], cwd=d)
+        start_registering(procs, port, [keys[f"node{i}"][1] for i in range(NODES)])
         wait_for_port(port, procs, "superlink")
+        registered = registered_ids(procs, NODES)
         for i in range(NODES):
             node_config = f'partition-id={i} num-partitions={NODES} export-dir="{d / f"node{i}"}"'
-            procs.start(f"node{i}", [str(VENV_BIN / "flower-supernode"), "--insecure",
-                                     "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                                     "--node-config", node_config], cwd=d)
-        yield Federation(d, procs, env)
+            procs.start(f"node{i}", [*supernode, "--root-certificates", str(tls["ca"]),
+                                     "--auth-supernode-private-key", str(keys[f"node{i}"][0]),
+                                     "--port", str(free_port()), "--node-config", node_config], cwd=d)
+        # the probes need no ClientApp processes (--isolation process: no SuperExec under them)
+        procs.start("stranger", [*supernode, "--root-certificates", str(tls["ca"]), "--auth-supernode-private-key",
+                                 str(keys["stranger"][0]), "--isolation", "process", "--port", str(free_port())],
+                    cwd=d)
+        procs.start("plaintext", [*supernode, "--insecure", "--max-retries", "0", "--isolation", "process",
+                                  "--port", str(free_port())], cwd=d)
+        fed = Federation(d, procs, env)
+        fed.registered, fed.stranger_key = registered, public_key_pem(keys["stranger"][1])
+        yield fed
     finally:
         procs.stop_all()
         left = procs.alive()
         assert not left, f"processes left running: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+# `flwr supernode register KEY.pub test` for each key, in one process: the `flwr` console script's own entry point
+# (flwr.cli.app:app) called once per key. The process imports the CLI while the SuperLink starts and registers as
+# soon as its port is open: the CLI's imports (seconds each on a loaded machine) cost no extra time.
+REGISTER = """import socket, sys, time
+from flwr.cli.app import app
+port, keys = int(sys.argv[1]), sys.argv[2:]
+deadline = time.monotonic() + 120
+while True:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            break
+    assert time.monotonic() < deadline, "the SuperLink did not open its port"
+    time.sleep(0.1)
+for key in keys:
+    app(["supernode", "register", "--format", "json", key, "test"], prog_name="flwr", standalone_mode=False)
+"""
+
+
+def start_registering(procs: Processes, port: int, public_keys: list[Path]) -> subprocess.Popen:
+    """Registers the keys with the SuperLink on `port` (once it listens) as `flwr supernode register` does."""
+    return procs.start("register", [sys.executable, "-c", REGISTER, str(port), *map(str, public_keys)],
+                       cwd=procs.logdir)
+
+
+def registered_ids(procs: Processes, expected: int, timeout: float = 120) -> list[int]:
+    """The node IDs the SuperLink gave the registered keys, in order."""
+    try:
+        rc = procs.procs["register"].wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"registering did not finish in {timeout}s:\n{procs.log('register')[-3000:]}") from None
+    ids = [int(i) for i in re.findall(r'"node-id":\s*(\d+)', procs.log("register"))]
+    assert rc == 0 and len(ids) == expected, f"registering failed (rc {rc}):\n{procs.log('register')[-3000:]}"
+    return ids
 
 
 def wait_for_port(port: int, procs: Processes, name: str, timeout: float = 60) -> None:
@@ -199,6 +258,8 @@ class Federation:
     def __init__(self, d: Path, procs: Processes, env: dict):
         self.dir, self.procs, self.env = d, procs, env
         self.runs = 0
+        self.registered: list[int] = []  # the node IDs `flwr supernode register` got for node0..node2
+        self.stranger_key = b""  # the unregistered probe's public key (PEM), as the SuperLink logs it
 
     def run(self, run_config: dict, timeout: float = 240, during=None, out: Path | None = None) -> Path:
         """`flwr run <repo> test --stream --run-config ...`; returns the run directory when the run has finished.
@@ -399,6 +460,34 @@ def test_flower_simulate_command_matches_simulator(assets, reference, tmp_path):
     assert [m["train_loss"] for m in metrics] == pytest.approx([h.train_loss for h in reference.history], abs=1e-6)
     for f in ("results.json", "results.md", "config.yaml", "curves.png", "adapters/global/adapter_config.json"):
         assert (out / f).is_file(), f
+
+
+def test_deployment_refuses_unregistered_and_plaintext_supernodes(federation):
+    """The fixture's probes: a SuperNode whose key was never registered and one without TLS are refused at once
+    (they exit); the registered nodes come online, and the SuperLink activates no other node. (The runs of the
+    tests below then complete on this federation.)"""
+    procs = federation.procs
+    deadline = time.monotonic() + 90
+    for name in ("stranger", "plaintext"):
+        while procs.procs[name].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert procs.procs[name].poll() not in (None, 0), f"{name} was not refused:\n{procs.log(name)[-3000:]}"
+        assert "Failed to initialize the connection to the SuperLink" in procs.log(name), procs.log(name)[-3000:]
+        assert "SuperNode ID:" not in procs.log(name)
+    assert "Failed to activate SuperNode" in procs.log("stranger")
+    link = procs.log("superlink")
+    refused = [line for line in link.splitlines() if "No SuperNode found with the given public key" in line]
+    assert any(str(federation.stranger_key) in line for line in refused), link[-3000:]
+
+    def activated() -> set[int]:
+        return {int(i) for i in re.findall(r"Activated node_id=(\d+)", procs.log("superlink"))}
+
+    while activated() != set(federation.registered) and time.monotonic() < deadline + 60:
+        assert activated() <= set(federation.registered), f"unregistered nodes activated: {activated()}"
+        time.sleep(0.5)
+    assert activated() == set(federation.registered), procs.log("superlink")[-3000:]
+    for i, node_id in enumerate(federation.registered):
+        assert f"SuperNode ID: {node_id}" in procs.log(f"node{i}")
 
 
 def test_deployment_matches_simulator_and_keeps_personal_state_on_nodes(assets, reference, federation):
