@@ -13,6 +13,7 @@ with their own data: the global model is then scored by federated evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -45,7 +46,8 @@ def node_data(cfg: Config, node: NodeSettings) -> tuple[ClientData, str]:
 
     key = (dump_config(cfg), node.key)
     if key not in _data:
-        _data.clear()
+        if len(_data) >= 8:  # a process serves a few nodes at most (Flower's simulation engine, tests)
+            _data.clear()
         examples, unseen = load_examples(cfg, warn=print)
         if node.own_data:
             _data[key] = (own_client_data(cfg, examples), fingerprint(examples))
@@ -55,9 +57,14 @@ def node_data(cfg: Config, node: NodeSettings) -> tuple[ClientData, str]:
     return _data[key]
 
 
+def _model_key(cfg: Config) -> str:
+    """What the model side depends on: the config without the node's data path."""
+    return dump_config(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="")))
+
+
 def client_host(cfg: Config, cid: int, node: NodeSettings) -> ClientHost:
     """Client `cid` (the id the server gave this node) with this node's rows, on the model of this process."""
-    key = dump_config(cfg)
+    key = _model_key(cfg)
     if key not in _sides:
         _sides.clear()
         _hosts.clear()
