@@ -1,12 +1,13 @@
 """The Flower app on loopback: a real SuperLink and three real SuperNodes (subprocesses), `flwr run`, over TLS
-with SuperNode authentication (set up with the commands docs/deployment.md gives).
+with SuperNode authentication (set up with the commands docs/deployment.md gives), each node a client with its
+own data file and the server with none (run config client-data=own).
 
-Checks: the final global adapter equals the in-process simulator's on the same config and seed; no
-reply that reached the server holds a personal component; the personal state on a node changed
-across rounds (and equals the simulator's); a SuperNode killed mid-round does not stop the run; a SuperNode
-with an unregistered key, and one without TLS, are refused.
-Every process the tests start is stopped by PID (with its descendants), pass or fail.
-"""
+Checks: the final global adapter, the federated global evaluation and the local evaluations equal the in-process
+run of the same clients; one exchange per round; no reply that reached the server holds a personal component;
+the personal state on a node changed across rounds (durable in its state directory, and equal to the in-process
+run's); a ServerApp killed mid-checkpoint resumes to the same result; a SuperNode killed mid-round does not stop
+the run; a SuperNode with an unregistered key, and one without TLS, are refused.
+Every process the tests start is stopped by PID (with its descendants), pass or fail."""
 
 from __future__ import annotations
 
@@ -153,7 +154,12 @@ def assets(tmp_path_factory):
         "max_examples_per_client=4", "max_global_examples=8", "max_gen_examples=1", "max_new_tokens=4",
     ])
     (d / "config.yaml").write_text(dump_config(cfg))
-    return {"dir": d, "model": model, "data": data, "config": d / "config.yaml", "cfg": cfg}
+    rows = data.read_text().splitlines(keepends=True)
+    sites = []
+    for k, (lo, hi) in enumerate([(0, 30), (30, 60), (60, len(rows))]):  # each client's own file
+        sites.append(d / f"site{k}.jsonl")
+        sites[-1].write_text("".join(rows[lo:hi]))
+    return {"dir": d, "model": model, "data": data, "config": d / "config.yaml", "cfg": cfg, "sites": sites}
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +194,8 @@ def federation(assets, tmp_path_factory):
         wait_for_port(port, procs, "superlink")
         registered = registered_ids(procs, NODES)
         for i in range(NODES):
-            node_config = f'partition-id={i} num-partitions={NODES} export-dir="{d / f"node{i}"}"'
+            node_config = (f'data-path="{assets["sites"][i]}" client-name="site-{i}" state-dir="{d / "state"}" '
+                           f'export-dir="{d / f"node{i}"}"')
             procs.start(f"node{i}", [*supernode, "--root-certificates", str(tls["ca"]),
                                      "--auth-supernode-private-key", str(keys[f"node{i}"][0]),
                                      "--port", str(free_port()), "--node-config", node_config], cwd=d)
@@ -311,6 +318,41 @@ def reference(assets):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def own_reference(assets):
+    """The same three clients with their own files, in process (ids in the order of their names)."""
+    from rich.console import Console
+
+    from fedlora.data.federated import FederatedData, own_client_data
+    from fedlora.data.sources import read_records, to_examples
+    from fedlora.runner import Session
+    from fedlora.simulation import Simulation
+
+    cfg = assets["cfg"]
+    threads = torch.get_num_threads()
+    try:
+        clients = [own_client_data(cfg, to_examples(read_records(str(f)), cfg.data.field_map, source=str(f)))
+                   for f in assets["sites"]]
+        session = Session(cfg, Console(quiet=True))
+        session.load_model()
+        sim = Simulation(cfg, session.tokenizer, session.base_model, FederatedData(clients=clients, global_test={}),
+                         log=lambda m: None)
+        sim.engine.federated_eval = sim.engine.want_base = True
+        sim.run()
+        return sim
+    finally:
+        torch.set_num_threads(threads)
+
+
+def node_personal(federation, out: Path, cid: int) -> dict:
+    """Client `cid`'s newest personal state in its node's state directory, for the run in `out`."""
+    run_id = torch.load(sorted((out / "checkpoints").glob("round-*"))[-1] / "state.pt")["flower"]["run_id"]
+    return torch.load(sorted((federation.dir / "state" / run_id / f"site-{cid}").glob("r*.pt"))[-1])
+
+
+OWN = {"client-data": "own"}
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b)
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -336,7 +378,7 @@ def test_settings_reject_bad_input_with_one_clear_line():
         RunSettings.from_run_config({"resume": True, "overwrite": "true"})
     with pytest.raises(ConfigError, match="'force' only applies with 'resume=true'"):
         RunSettings.from_run_config({"force": True})
-    with pytest.raises(ConfigError, match="'partition-id' is missing"):
+    with pytest.raises(ConfigError, match="give 'partition-id'"):
         NodeSettings.from_node_config({"num-partitions": 3})
     with pytest.raises(ConfigError, match="unknown key 'data_path'.*did you mean 'data-path'"):
         NodeSettings.from_node_config({"partition-id": 0, "data_path": "x"})
@@ -397,44 +439,49 @@ def make_message(kind: str, content, rnd: int = 1):
     return Message(content=content, metadata=meta)
 
 
-def test_client_app_in_process_keeps_personal_state_in_context(assets, reference):
-    """The ClientApp's handlers called directly: same numbers as the simulator, B.mag only in Context.state,
-    and the upload does not depend on the personal state (nothing personal leaves the node, even by value)."""
+def test_client_app_in_process_keeps_personal_state_on_disk(assets, reference, tmp_path):
+    """The ClientApp's handler called directly: same numbers as the simulator, B.mag only in the node's state
+    directory, and the upload does not depend on the personal state (nothing personal leaves the node, even by
+    value)."""
     from flwr.app import ConfigRecord, Context, RecordDict
 
     from fedlora.core.components import select
     from fedlora.flower import client_app, messages as M
-    from fedlora.personal import ContextPersonalStore
+    from fedlora.personal import DiskPersonalStore
 
     cfg, sim = assets["cfg"], reference
     threads = torch.get_num_threads()
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(),
-                  run_config={})
-    store = ContextPersonalStore(ctx)
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3,
+                                                    "state-dir": str(tmp_path)}, state=RecordDict(), run_config={})
     initial = select(sim.am.init_state, sim.method.shared)  # what a fresh server sends in round 1
-    conf = {"config": dump_config(cfg), "round": 1}
+    conf = {"config": dump_config(cfg), "run-id": "r1", "client-id": 2}
+    store = DiskPersonalStore(tmp_path / "r1" / "partition-2", 2)
 
-    def global_phase():
-        return client_app.app(make_message(M.GLOBAL, RecordDict({M.CONFIG: ConfigRecord(conf),
-                                                                  M.SHARED: M.to_record(initial)})), ctx)
+    def exchange(rnd: int, train: bool, local: bool):
+        flags = {"train": train, "train-round": rnd}
+        if local:
+            flags.update({"task-round": rnd - 1, "local": True, "evaluate": False, "evaluate-global": False,
+                          "base": False})
+        return client_app.app(make_message(M.ROUND, RecordDict({M.CONFIG: ConfigRecord({**conf, **flags}),
+                                                                 M.SHARED: M.to_record(initial)})), ctx)
 
-    reply = global_phase()
+    reply = exchange(1, train=True, local=False)
     keys = list(reply.content[M.UPDATE].keys())
     assert keys and {component_of(k) for k in keys} == set(sim.method.shared)
     expected = sim.client.global_phase(2, 1, initial, None, sim.train_rows[2])  # the simulator's call
     assert max_diff(M.from_record(reply.content[M.UPDATE], {}), expected.update.state) == 0.0
     assert not reply.content.config_records and set(reply.content.array_records) == {M.UPDATE}
     assert store.get(2) is None  # the global phase trains the global B.mag, not the personal one
-    reply = client_app.app(make_message(M.LOCAL, RecordDict({
-        M.CONFIG: ConfigRecord({**conf, "local": True, "evaluate": False}),
-        M.SHARED: M.to_record(initial)})), ctx)
+    reply = exchange(2, train=False, local=True)  # round 1's local phase (on the same shared state), no training
     assert not reply.content.array_records and "local-loss" in reply.content[M.METRICS]
     first = store.get(2)
     assert first and {component_of(k) for k in first} == {"B.mag"}
-    assert list(ctx.state.array_records) == ["fedlora.personal.2"]
-    # a node with a trained personal B.mag uploads exactly what a fresh node uploads
-    again = global_phase()
-    assert max_diff(M.from_record(again.content[M.UPDATE], {}), expected.update.state) == 0.0
+    assert [p.name for p in sorted((tmp_path / "r1" / "partition-2").iterdir())] == ["r000001-local.pt"]
+    assert not ctx.state.array_records  # nothing in Flower's Context: the disk is the node's memory
+    # a node with a trained personal B.mag (round 2 starts from it) uploads exactly what a fresh node uploads
+    again = exchange(2, train=True, local=False)
+    fresh = sim.client.global_phase(2, 2, initial, None, sim.train_rows[2])
+    assert max_diff(M.from_record(again.content[M.UPDATE], {}), fresh.update.state) == 0.0
     torch.set_num_threads(threads)
 
 
@@ -490,13 +537,14 @@ def test_deployment_refuses_unregistered_and_plaintext_supernodes(federation):
         assert f"SuperNode ID: {node_id}" in procs.log(f"node{i}")
 
 
-def test_deployment_matches_simulator_and_keeps_personal_state_on_nodes(assets, reference, federation):
-    out = federation.run({"config": str(assets["config"]), "round-timeout": 120.0})
-    sim = reference
+def test_deployment_with_own_data_matches_in_process_and_keeps_personal_state_on_nodes(assets, own_reference,
+                                                                                      federation):
+    out = federation.run({"config": str(assets["config"]), "round-timeout": 120.0, **OWN})
+    sim = own_reference
 
-    # (a) the final global adapter equals the in-process simulator's
+    # (a) the final global adapter, the rounds and the federated and local evaluations equal the in-process run's
     diff = max_diff(torch.load(out / "global_state.pt"), sim.server.global_state)
-    assert diff <= 1e-6, f"global adapter differs from the simulator's by {diff}"
+    assert diff <= 1e-6, f"global adapter differs from the in-process run's by {diff}"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2]
     for m, h in zip(metrics, sim.history):
@@ -504,50 +552,50 @@ def test_deployment_matches_simulator_and_keeps_personal_state_on_nodes(assets, 
         assert m["train_loss"] == pytest.approx(h.train_loss, abs=1e-6)
         assert m["local_phase_loss"] == pytest.approx(h.local_phase_loss, abs=1e-6)
         assert m["examples"] == h.examples and m["bytes_up"] == h.bytes_up
-    # local evaluation on the nodes equals the simulator's local evaluation
-    sim_local = sim.history[-1].eval["local"]["per_client"]
-    flower_local = metrics[-1]["eval"]["local"]["per_client"]
-    assert [c["loss"] for c in flower_local] == pytest.approx([c["loss"] for c in sim_local], abs=1e-5)
+    last, sim_last = metrics[-1]["eval"], sim.history[-1].eval
+    assert last["global"] == last["federated"] and last["federated"]["clients"] == NODES
+    assert last["global"]["loss"] == pytest.approx(sim_last["global"]["loss"], abs=1e-5)
+    assert [c["loss"] for c in last["local"]["per_client"]] == pytest.approx(
+        [c["loss"] for c in sim_last["local"]["per_client"]], abs=1e-5)
     for f in ("results.json", "results.md", "metrics.jsonl", "config.yaml", "curves.png",
               "adapters/global/adapter_config.json"):
         assert (out / f).is_file(), f
 
-    # (b) the server never received a personal component
+    # (b) one exchange per round, and the server never received a personal component
     received = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
-    updates = [r for r in received if r["phase"] == "train.global"]
-    assert len(updates) == 2 * NODES and not any(r["error"] for r in received)
+    assert not any(r["error"] for r in received)
+    assert sorted((r["phase"], r["round"]) for r in received) == sorted(
+        [("query.setup", 0)] * NODES + [("train.round", r) for r in (1, 2, 3) for _ in range(NODES)])
     # the default keeps a global B.mag on the server besides each client's personal B.mag (an offset from it):
-    # the upload carries the global phase's B.mag; the personal one is in no reply (the local phase's replies
-    # carry no tensors at all; test_client_app_...: the upload does not depend on the personal state)
+    # a training reply carries the global phase's B.mag; the personal one is in no reply (the closing replies
+    # carry no tensors; test_client_app_...: the upload does not depend on the personal state)
     assert set(sim.method.personal) == {"B.mag"} and set(sim.method.shared) == {"A.dir", "A.mag", "B.dir", "B.mag"}
     for r in received:
         for name, keys in r.get("arrays", {}).items():
-            assert r["phase"] == "train.global" and name == "update", f"{r['phase']} reply carried {name}"
-    assert all({component_of(k) for k in r["arrays"]["update"]} == set(sim.method.shared) for r in updates)
-    assert all(not r.get("arrays") for r in received if r["phase"] != "train.global")
+            assert r["phase"] == "train.round" and r["round"] <= 2 and name == "update", r
+            assert {component_of(k) for k in keys} == set(sim.method.shared)
+    assert all(not r.get("arrays") for r in received if r["round"] == 3)
 
-    # (c) the personal state on each node changed across rounds, and is the simulator's
+    # (c) the personal state on each node changed across rounds, is durable in its state directory, and is the
+    # in-process run's
     for cid in range(NODES):
-        node = federation.dir / f"node{cid}"
-        r1 = torch.load(node / "personal" / "round_1.pt")
-        r2 = torch.load(node / "personal" / "round_2.pt")
-        assert {component_of(k) for k in r2} == {"B.mag"}
-        assert any(not torch.equal(r1[k], r2[k]) for k in r2), f"personal state of client {cid} did not change"
-        assert max_diff(r2, sim.personal[cid]) <= 1e-6
-        assert (node / "adapter" / "adapter_model.safetensors").is_file()
+        final = node_personal(federation, out, cid)
+        assert {component_of(k) for k in final} == {"B.mag"}
+        assert max_diff(final, sim.personal[cid]) <= 1e-6
+        assert (federation.dir / f"node{cid}" / "adapter" / "adapter_model.safetensors").is_file()
 
     flower_wall = [m["wall_time"] for m in metrics]
     sim_rounds = [h.wall_time for h in sim.history]
     print(f"\nwall time per round: deployment {flower_wall} s, in-process {sim_rounds} s (tiny model, 3 clients)")
 
 
-def test_server_app_killed_mid_checkpoint_resumes_to_the_same_result(assets, reference, federation):
+def test_server_app_killed_mid_checkpoint_resumes_to_the_same_result(assets, own_reference, federation):
     """SIGKILL the ServerApp while it writes round 2's checkpoint (a torn checkpoint); `resume=true` continues
-    from round 1's and ends with the uninterrupted run's global adapter, metrics and (restored on the nodes
-    from their export-dir) personal state."""
+    from round 1's (round 1 aggregated, its local phase to run again on the nodes, from the personal state in
+    their state directories) and ends with the uninterrupted run's global adapter, metrics and personal state."""
     fault = federation.dir / "fault"
     out = federation.dir / "resumed"
-    config = {"config": str(assets["config"]), "round-timeout": 120.0}
+    config = {"config": str(assets["config"]), "round-timeout": 120.0, **OWN}
 
     def died_in_checkpoint_2(out: Path):
         torn = out / "checkpoints" / ".round-000002.tmp" / "config.yaml"
@@ -567,7 +615,7 @@ def test_server_app_killed_mid_checkpoint_resumes_to_the_same_result(assets, ref
     assert (out / "checkpoints" / ".round-000002.tmp").is_dir()  # torn: never loaded
 
     federation.run({**config, "resume": True}, out=out)
-    sim = reference
+    sim = own_reference
     diff = max_diff(torch.load(out / "global_state.pt"), sim.server.global_state)
     assert diff <= 1e-6, f"resumed global adapter differs from the simulator's by {diff}"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -579,8 +627,7 @@ def test_server_app_killed_mid_checkpoint_resumes_to_the_same_result(assets, ref
     assert [c["loss"] for c in flower_local] == pytest.approx(
         [c["loss"] for c in sim.history[-1].eval["local"]["per_client"]], abs=1e-5)
     for cid in range(NODES):
-        assert max_diff(torch.load(federation.dir / f"node{cid}" / "personal" / "round_2.pt"),
-                        sim.personal[cid]) <= 1e-6
+        assert max_diff(node_personal(federation, out, cid), sim.personal[cid]) <= 1e-6
     log = federation.procs.log(f"run{federation.runs}")
     assert "resuming after round 1" in log
     assert json.loads((out / "results.json").read_text())["provenance"]["resumed"] is True
@@ -594,23 +641,22 @@ def test_server_app_killed_mid_checkpoint_resumes_to_the_same_result(assets, ref
 
 
 def test_killed_supernode_does_not_stop_the_run(assets, federation):
-    """SIGKILL one SuperNode (and its SuperExec/ClientApp processes) right after round 1 was sent."""
+    """SIGKILL one SuperNode (and its SuperExec/ClientApp processes) right after the nodes said who they are, as
+    round 1 (with the base model's evaluation) is sent."""
     procs = federation.procs
 
     def kill_node_2_mid_round(out: Path) -> bool:
         received = out / "received.jsonl"
         if not received.is_file():
             return False
-        # the base-model evaluation (round 0) has been answered by every node, so round 1's global phase is
-        # being sent now: node 2 dies mid-round
         rows = [json.loads(line) for line in received.read_text().splitlines()]
-        if sum(1 for r in rows if r["phase"] == "train.local" and r["round"] == 0) < NODES:
+        if sum(1 for r in rows if r["phase"] == "query.setup") < NODES:
             return False
         procs.kill("node2")
         return True
 
-    out = federation.run({"config": str(assets["config"]), "set": "rounds=1", "round-timeout": 30.0,
-                          "min-replies": 2}, during=kill_node_2_mid_round)
+    out = federation.run({"config": str(assets["config"]), "set": "rounds=1", "round-timeout": 45.0,
+                          "min-replies": 2, **OWN}, during=kill_node_2_mid_round)
     assert procs.procs["node2"].poll() is not None
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1

@@ -41,7 +41,7 @@ def test_compare_two_methods_on_smollm2(tmp_path, capsys):
 
 
 def test_own_data_federation_on_smollm2(tmp_path):
-    """Three clients with their own files of real Dolly rows and a server that reads none, the real SmolLM2, the
+    """Two clients with their own files of real Dolly rows and a server that reads none, the real SmolLM2, the
     real ServerApp and ClientApp over Flower's wire format (LoopbackGrid): global (federated) and local results."""
     from loopback_grid import LoopbackGrid
 
@@ -50,15 +50,16 @@ def test_own_data_federation_on_smollm2(tmp_path):
     from fedlora.flower.server_app import run_flower
     from fedlora.flower.settings import RunSettings
 
-    rows = [line for i, line in enumerate(open(DOLLY)) if i % 211 == 0][:60]
+    rows = [line for i, line in enumerate(open(DOLLY)) if i % 211 == 0][:40]
     nodes = {}
-    for k in range(3):
+    for k in range(2):
         f = tmp_path / f"site{k}.jsonl"
         f.write_text("".join(rows[k * 20:(k + 1) * 20]))
         nodes[10 + k] = {"data-path": str(f), "client-name": f"site-{k}", "state-dir": str(tmp_path / "state")}
     out = tmp_path / "run"
     out.mkdir()
-    cfg = load_config(None, [*[s for s in SMALL if not s.startswith(("clients", "max_rows"))], "clients=3",
+    cfg = load_config(None, [*[s for s in SMALL if not s.startswith(("clients", "max_rows", "global_steps"))],
+                             "clients=2", "global_steps=1", "max_length=64", "model.threads=2",
                              f"data.path={tmp_path / 'not-on-the-server.jsonl'}", f"output.dir={out}",
                              "output.plots=false", "min_test_per_client=2"])
     threads = torch.get_num_threads()
@@ -69,6 +70,6 @@ def test_own_data_federation_on_smollm2(tmp_path):
         torch.set_num_threads(threads)
     result = json.loads((out / "results.json").read_text())
     ev = result["history"][-1]["eval"]
-    assert ev["global"] == ev["federated"] and ev["federated"]["clients"] == 3
+    assert ev["global"] == ev["federated"] and ev["federated"]["clients"] == 2
     assert 0 < ev["global"]["loss"] < 20 and all(0 < c["loss"] < 20 for c in ev["local"]["per_client"])
     assert result["base_eval"]["global"]["loss"] > 0 and "| base model |" in (out / "results.md").read_text()
