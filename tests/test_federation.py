@@ -203,6 +203,22 @@ def test_server_dies_and_resumes_from_its_checkpoint_with_restarted_nodes(tiny_d
     run(LoopbackGrid(client_app.app, partition_nodes(state, first_id=500)), cfg, out, resume=ckpt)
     assert_same_run(out, uninterrupted)
 
+    # the ServerApp's own entry point refuses a resume with another config, one line, and changes nothing
+    from flwr.app import Context, RecordDict
+
+    from fedlora.checkpoint import CheckpointError
+    from fedlora.config import dump_config
+    from fedlora.flower.server_app import make_server_app
+
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    before = sorted((p.name, p.stat().st_size) for p in out.rglob("*"))
+    ctx = Context(run_id=2, node_id=1, node_config={}, state=RecordDict(), run_config={
+        "config": str(tmp_path / "config.yaml"), "out": str(out), "resume": True, "set": "rounds=4"})
+    with LoopbackGrid(client_app.app, partition_nodes(state, first_id=700)) as grid:
+        with pytest.raises(CheckpointError, match="the config differs from the run's") as e:
+            make_server_app()(grid, ctx)
+    assert "\n" not in str(e.value) and sorted((p.name, p.stat().st_size) for p in out.rglob("*")) == before
+
 
 def test_node_killed_and_restarted_between_rounds_continues_its_personal_state(tiny_dir, small_data, uninterrupted,
                                                                                tmp_path, one_thread, capsys):
