@@ -281,3 +281,23 @@ def test_differential_privacy_on_flower_equals_in_process(mode, tiny_dir, small_
     assert eps == pytest.approx([r["privacy"]["epsilon"] for r in ra]) and eps[0] < eps[1]
     ga, gb = torch.load(a / "global_state.pt"), torch.load(b / "global_state.pt")
     assert all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)
+
+
+def test_a_node_killed_mid_round_is_left_out_and_the_run_goes_on(tiny_dir, small_data, tmp_path, one_thread, capsys):
+    """Node 102 dies as round 1 is sent (its message is never answered): client 2 fails that exchange after
+    round-timeout, the round aggregates the others (min-replies 2), and the run finishes."""
+    out, state = tmp_path / "run", tmp_path / "state"
+    out.mkdir()
+
+    def kill_102(grid, messages):
+        if 102 in grid.contexts and any(m.metadata.message_type == M.ROUND for m in messages):
+            grid.remove_node(102)
+
+    grid = LoopbackGrid(client_app.app, partition_nodes(state))
+    grid.before_push = kill_102
+    run(grid, config("fedlora_opt", tiny_dir, small_data, out, "rounds=1"), out, round_timeout=1.0, min_replies=2)
+    m = metrics(out)[0]
+    assert m["failed"] == {"2": "no reply within 1s"} and m["examples"] > 0 and not m["rejected"]
+    assert m["eval"]["local"]["per_client"][2].get("missing") and m["eval"]["local"]["per_client"][0]["loss"]
+    assert "client 2 (node 102) failed" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["summary"]["global_loss"] is not None
