@@ -17,7 +17,7 @@ import torch
 from conftest import DOLLY
 from loopback_grid import LoopbackGrid
 from rich.console import Console
-from test_runtimes import config, metrics
+from test_runtimes import config, metrics, small_data  # noqa: F401  (small_data: a fixture)
 
 from fedlora.checkpoint import open_for_resume
 from fedlora.core.components import component_of
@@ -149,14 +149,6 @@ def uninterrupted(tiny_dir, small_data, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return out
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("federation") / "dolly_small.jsonl"
-    with open(DOLLY) as f:
-        path.write_text("".join(line for i, line in enumerate(f) if i % 150 == 0))
-    return path
 
 
 def fault_config(tiny_dir, small_data, out):
