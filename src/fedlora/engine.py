@@ -32,7 +32,7 @@ from .core.components import State, nbytes, numel, select
 from .core.methods import Method
 from .core.server import Server
 from .evaluator import GlobalEvaluator, federated_summary, local_summary
-from .transport import Transport
+from .transport import Exchange, Transport
 
 Log = Callable[[str], None]
 
@@ -290,20 +290,6 @@ class RoundEngine:
         self.open = OpenRound.from_dict(state["open"]) if state.get("open") else None
         self.base_eval = state.get("base", self.base_eval)
         self.history = list(history)
-
-
-@dataclass
-class Exchange:
-    """One exchange of a round: what each client is asked (see `transport.Transport.exchange`)."""
-
-    shared: State
-    """The server's shared state: the local tasks run on it, the global phases start from it."""
-    task_round: int
-    tasks: dict[int, LocalTask]
-    """The open round's second half, per client: its local phase and/or evaluations (done first)."""
-    train_round: int
-    train: list[int]
-    """Clients that run `train_round`'s global phase and upload their shared components."""
 
 
 @dataclass

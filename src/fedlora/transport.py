@@ -16,15 +16,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from .checkpoint import fault_point
-from .client_host import ClientHost
+from .client_host import ClientHost, LocalTask
 from .core.aggregate import ClientUpdate
+from .core.components import State
 
-if TYPE_CHECKING:
-    from .engine import Exchange
+
+@dataclass
+class Exchange:
+    """One exchange of a round: what each client is asked (see `transport.Transport.exchange`)."""
+
+    shared: State
+    """The server's shared state: the local tasks run on it, the global phases start from it."""
+    task_round: int
+    tasks: dict[int, LocalTask]
+    """The open round's second half, per client: its local phase and/or evaluations (done first)."""
+    train_round: int
+    train: list[int]
+    """Clients that run `train_round`'s global phase and upload their shared components."""
+
 
 Failed = dict[int, str]
 Progress = Callable[[int, int, str, object, float], None]
