@@ -112,7 +112,7 @@ def test_clients_with_their_own_data_and_a_server_with_none(tiny_dir, site_files
     personal_only = set(sim.method.personal) - set(sim.method.shared)
     for msg in grid.sent + grid.received:
         for rec in msg.content.array_records.values() if msg.has_content() else ():
-            assert not {component_of(k) for k in rec.keys()} & personal_only
+            assert not {component_of(k) for k in M.names(rec)} & personal_only
 
 
 def test_own_data_mode_mismatch_and_settings_are_one_line():

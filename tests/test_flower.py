@@ -423,14 +423,40 @@ def test_resume_refusals_across_runtimes_are_one_line(capsys, tmp_path):
 
 
 def test_transport_keeps_values_and_dtypes():
+    """A message's tensors travel as ONE uint8 array plus a layout, and come back bit for bit, bfloat16 too."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedlora.errors import UpdateRejected
     from fedlora.flower import messages as M
 
-    state = {"a": torch.randn(3, 2), "b": torch.randn(4).to(torch.bfloat16)}
+    state = {"a": torch.randn(3, 2), "b": torch.randn(4).to(torch.bfloat16), "c": torch.tensor(7),
+             "d": torch.randn(2, 3).t(), "e": torch.zeros(0, 4), "f": torch.tensor([-0.0, float("nan")])}
     record = M.to_record(state)
-    assert record["b"].numpy().dtype.itemsize == 2  # bfloat16 travels as its 16 bits, not as float32
+    assert set(record.keys()) == {M.PACKED, M.LAYOUT} and record[M.PACKED].numpy().dtype == np.uint8
+    assert record[M.PACKED].numpy().size == sum(v.numel() * v.element_size() for v in state.values())  # b: 2 bytes
+    assert M.names(record) == list(state)
     back = M.from_record(record, state)
-    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
-    assert M.from_record(M.to_record({}), state) == {}
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)), k
+    assert M.from_record(M.to_record({}), state) == {} and M.names(M.to_record({})) == []
+
+    # a bad or incomplete record from the wire: one line, UpdateRejected (the round goes on without the reply)
+    packed, layout = record[M.PACKED].numpy(), record[M.LAYOUT].numpy().tobytes()
+    short = ArrayRecord({M.PACKED: Array(packed[:-1]), M.LAYOUT: record[M.LAYOUT]})
+    no_layout = ArrayRecord({M.PACKED: record[M.PACKED]})
+    garbled = ArrayRecord({M.PACKED: record[M.PACKED], M.LAYOUT: Array(np.frombuffer(layout[:-3], np.uint8))})
+    unpacked = ArrayRecord({"a": Array(state["a"].numpy())})  # the old one-array-per-tensor format
+    lying = ArrayRecord({M.PACKED: record[M.PACKED], M.LAYOUT: Array(np.frombuffer(
+        layout.replace(b'"float32",[3,2]', b'"float32",[3,3]'), np.uint8))})
+    for bad, words in [(short, "layout covers"), (no_layout, "expected"), (garbled, "malformed tensor record"),
+                       (unpacked, "expected"), (lying, "bad layout entry")]:
+        for read in (M.names, lambda r: M.from_record(r, {})):
+            with pytest.raises(UpdateRejected, match=words) as e:
+                read(bad)
+            assert "\n" not in str(e.value)
 
 
 def make_message(kind: str, content, rnd: int = 1):
@@ -468,7 +494,7 @@ def test_client_app_in_process_keeps_personal_state_on_disk(assets, reference, t
                                                                  M.SHARED: M.to_record(initial)})), ctx)
 
     reply = exchange(1, train=True, local=False)
-    keys = list(reply.content[M.UPDATE].keys())
+    keys = M.names(reply.content[M.UPDATE])
     assert keys and {component_of(k) for k in keys} == set(sim.method.shared)
     expected = sim.client.global_phase(2, 1, initial, None, sim.train_rows[2])  # the simulator's call
     assert max_diff(M.from_record(reply.content[M.UPDATE], {}), expected.update.state) == 0.0

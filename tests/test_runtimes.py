@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from fedlora.config import load_config
 from fedlora.core.components import component_of
 from fedlora.core.methods import METHODS, build_method
+from fedlora.flower import messages as M
 
 FEDERATED = [m for m in METHODS if m != "centralized"]  # centralized pools the data: no Flower deployment
 NODES = 3
@@ -118,7 +119,7 @@ def test_flower_and_in_process_hold_the_same_global_model(method, tiny_dir, smal
         assert not reply.has_error(), reply.error.reason
         for name, rec in reply.content.array_records.items():
             assert kind == "train.round" and sent.content["fedlora"]["train"] and name == "update", (kind, name)
-            comps = {component_of(k) for k in rec.keys()}
+            comps = {component_of(k) for k in M.names(rec)}
             assert comps == set(m.shared) and not comps & personal_only, comps
 
     # the privacy audit, both directions: every message the server sent carries at most the shared components
@@ -128,7 +129,7 @@ def test_flower_and_in_process_hold_the_same_global_model(method, tiny_dir, smal
     for sent in grid.sent:
         assert set(sent.content.array_records) <= {"shared"}
         for rec in sent.content.array_records.values():
-            assert {component_of(k) for k in rec.keys()} == set(m.shared)
+            assert {component_of(k) for k in M.names(rec)} == set(m.shared)
         for conf in sent.content.config_records.values():
             assert all(isinstance(v, (str, int, float, bool)) for v in conf.values())
     personal = [torch.load(p) for p in (b / "node-state").rglob("*.pt")]
@@ -136,5 +137,7 @@ def test_flower_and_in_process_hold_the_same_global_model(method, tiny_dir, smal
     values = [v for state in personal for v in state.values() if torch.count_nonzero(v)]
     for msg in grid.sent + grid.received:
         for rec in msg.content.array_records.values():
-            for arr in rec.to_torch_state_dict().values():
+            arrays = M.from_record(rec, {})  # every tensor of the packed record, unpacked exactly
+            assert list(arrays) == M.names(rec)
+            for arr in arrays.values():
                 assert not any(arr.shape == v.shape and torch.equal(arr.to(v.dtype), v) for v in values)

@@ -7,7 +7,7 @@ node gets its id back. One `train.round` message per client per round carries th
 round's tasks and the global-phase flag; one reply comes back. A client whose node fails or has not answered
 within `round-timeout` is left out of that exchange and reported in the round's `failed`; a node that the
 SuperLink no longer lists loses its client until a node for that client (re)joins. Every reply is recorded
-in `received.jsonl` (record names and parameter names only): the audit trail that no personal component
+in `received.jsonl` (record names and tensor names only): the audit trail that no personal component
 ever reached the server.
 """
 
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from ..client_host import LocalTask
 from ..core.aggregate import ClientUpdate
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, UpdateRejected, UserError
 from . import messages as M
 from .settings import RunSettings
 
@@ -81,8 +81,9 @@ class FlowerTransport:
                     updates[cid] = _to_update(cid, replies[cid], req.shared)
                 if cid in req.tasks:
                     answers[cid] = M.local_answer(metrics)
-            except (KeyError, TypeError, ValueError) as e:
-                failed[cid] = f"malformed reply ({type(e).__name__}: {e})"
+            except (UpdateRejected, KeyError, TypeError, ValueError) as e:
+                bad = str(e) if isinstance(e, UpdateRejected) else f"{type(e).__name__}: {e}"
+                failed[cid] = f"malformed reply ({bad})"
                 updates.pop(cid, None)
                 answers.pop(cid, None)
         self._log_failures(req.train_round, M.ROUND, failed, targets)
@@ -147,7 +148,7 @@ class FlowerTransport:
                  "seconds": round(seconds, 2), "error": reply.has_error()}
         if reply.has_content():
             c = reply.content
-            entry["arrays"] = {name: sorted(rec.keys()) for name, rec in c.array_records.items()}
+            entry["arrays"] = {name: _names(rec) for name, rec in c.array_records.items()}
             entry["metrics"] = {name: sorted(rec.keys()) for name, rec in c.metric_records.items()}
             if M.METRICS in c.metric_records and "seconds" in c.metric_records[M.METRICS]:
                 entry["client_seconds"] = round(float(c.metric_records[M.METRICS]["seconds"]), 2)
@@ -236,6 +237,14 @@ class FlowerTransport:
                                 f"{self.settings.node_wait_timeout:g}s (clients {sorted(self.nodes)}); start more "
                                 f"flower-supernode processes, fix the failing ones, or lower run config min-nodes")
             time.sleep(1.0)
+
+
+def _names(record) -> list[str] | str:
+    """The tensor names of a record, sorted; a malformed one is recorded as such (and fails in `exchange`)."""
+    try:
+        return sorted(M.names(record))
+    except UpdateRejected as e:
+        return str(e)
 
 
 def _to_update(cid: int, reply: Message, like) -> ClientUpdate:
