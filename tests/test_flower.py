@@ -459,6 +459,17 @@ def test_transport_keeps_values_and_dtypes():
             assert "\n" not in str(e.value)
 
 
+def test_a_node_process_imports_no_model_library_before_it_needs_a_model():
+    """The setup query (data only) and the ClientApp module need no torch/transformers/peft/nltk: a fresh
+    ClientApp process pays for them only when it builds a model; ROUGE's nltk only when it scores."""
+    code = ("import sys; import fedlora.flower.client_app, fedlora.flower.workspace, fedlora.data.sources; "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'rouge_score', 'nltk') if m in sys.modules]; "
+            "import fedlora.evaluate; heavy += [m for m in ('rouge_score', 'nltk') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 def make_message(kind: str, content, rnd: int = 1):
     from flwr.app import Message, Metadata
 

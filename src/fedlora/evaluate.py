@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
-from rouge_score import rouge_scorer
 from torch.nn.utils import parametrize
 
 from .adapters import AdapterModel
@@ -15,12 +15,19 @@ from .data.examples import Example
 from .data.prompts import PromptFormatter
 from .training import IGNORE, collate
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+@cache
+def _scorer():
+    """Built on first use: rouge_score imports nltk (~0.6 s), which a process that only trains never needs."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
     """ROUGE-L F-measure against the best of several references (as Natural Instructions scores)."""
-    return max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+    scorer = _scorer()
+    return max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 `client_host(cfg, cid, node)`: the tokenizer, the base model with the method's adapter and ONE client's
 rows (`build.build_host`): its partition of the shared dataset, or its own data (`node_data`); no server,
-no other client's data. Under Flower's simulation engine one process serves several virtual nodes, so the
-model side is built once per config and shared by the clients it hosts (each with its own personal store);
-under real SuperNodes each message runs in a fresh process.
+no other client's data. The model side is built once per config and process and shared by the clients it
+hosts (each with its own personal store): under Flower's simulation engine one process serves several virtual
+nodes; under real SuperNodes each message runs in a fresh process. Torch, transformers and peft are imported only where a model is built,
+so a process that answers only the setup query (data only) starts in a fraction of the time.
 
 `server_side(cfg, settings)`: the model side, the `Server` and the `GlobalEvaluator` with the global test
 sets the server holds: the dataset's (shared-dataset runs), an optional `global-test` file, or none (clients
@@ -15,21 +16,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-
-from ..build import ModelSide, build_host, build_model_side, build_server
-from ..client_host import ClientHost
 from ..config import Config, dump_config
-from ..core.server import Server
 from ..data.federated import ClientData, FederatedData
-from ..evaluator import GlobalEvaluator
-from ..runner import Session
 from .settings import NodeSettings, RunSettings
+
+if TYPE_CHECKING:  # torch, transformers, peft: imported by the functions that build a model, not at import
+    from ..build import ModelSide
+    from ..client_host import ClientHost
+    from ..core.server import Server
+    from ..evaluator import GlobalEvaluator
+
+
+def _session(cfg: Config):
+    from rich.console import Console
+
+    from ..runner import Session
+
+    return Session(cfg, Console(stderr=True))
 
 
 def _model_side(cfg: Config) -> tuple[ModelSide, str]:
-    session = Session(cfg, Console(stderr=True))
+    from ..build import build_model_side
+
+    session = _session(cfg)
     session.load_model()
     return build_model_side(cfg, session.tokenizer, session.base_model), str(session.device)
 
@@ -64,6 +75,8 @@ def _model_key(cfg: Config) -> str:
 
 def client_host(cfg: Config, cid: int, node: NodeSettings) -> ClientHost:
     """Client `cid` (the id the server gave this node) with this node's rows, on the model of this process."""
+    from ..build import build_host
+
     key = _model_key(cfg)
     if key not in _sides:
         _sides.clear()
@@ -87,10 +100,13 @@ class ServerSide:
 
 
 def server_side(cfg: Config, settings: RunSettings) -> ServerSide:
+    from ..build import build_server
+    from ..evaluator import GlobalEvaluator
+
     if settings.client_data == "own":
         data = _global_test_only(cfg, settings.global_test)
     else:
-        data = Session(cfg, Console(stderr=True)).data(cfg)  # data first: bad data fails before the model loads
+        data = _session(cfg).data(cfg)  # data first: bad data fails before the model loads
     side, device = _model_side(cfg)
     return ServerSide(data, side, build_server(cfg, side), GlobalEvaluator(side.am, side.fmt, data, cfg), device)
 
