@@ -1,4 +1,6 @@
-"""`fedlora flower simulate`: the Flower app under Flower's simulation engine (Ray), N virtual SuperNodes.
+"""`fedlora flower simulate`: the Flower app under Flower's simulation engine (Ray), N virtual SuperNodes;
+`fedlora flower worker`: one long-lived process that serves every ClientApp message of a SuperNode
+(`flower-supernode --isolation process`; see worker.py).
 
 For real deployment (flower-superlink, flower-supernode, flwr run) see docs/deployment.md.
 """
@@ -17,7 +19,8 @@ from ..errors import UserError
 
 def register(subparsers) -> None:
     flower = subparsers.add_parser(
-        "flower", help="run on Flower (simulation engine here; SuperLink/SuperNodes: see docs/deployment.md)")
+        "flower", help="run on Flower (simulation engine here; a SuperNode's ClientApp worker; SuperLink/SuperNodes: "
+                       "see docs/deployment.md)")
     sub = flower.add_subparsers(dest="flower_command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "simulate",
@@ -42,6 +45,43 @@ def register(subparsers) -> None:
     p.add_argument("--round-timeout", type=float, default=3600.0,
                    help="seconds to wait for the replies of one phase (default 3600)")
     p.set_defaults(handler=cmd_simulate)
+
+    w = sub.add_parser(
+        "worker",
+        help="serve every ClientApp message of one SuperNode (started with --isolation process) in one process",
+        description="Takes the ClientApp tasks of a SuperNode started with `flower-supernode --isolation process` "
+                    "from its Runtime API and runs them in this one process, keeping the model loaded between "
+                    "messages (instead of one flwr-clientapp process per message). Runs until SIGTERM/SIGINT. "
+                    "See docs/deployment.md.",
+    )
+    w.add_argument("--runtime-api-address", default="127.0.0.1:9094", metavar="HOST:PORT",
+                   help="the SuperNode's Runtime (ClientAppIo) API: its --host and --port (default 127.0.0.1:9094)")
+    w.add_argument("--insecure", action="store_true",
+                   help="the Runtime API is plain HTTP (the SuperNode's default: no --ssl-certfile)")
+    w.add_argument("--root-certificates", metavar="CA.pem",
+                   help="the CA that signed the SuperNode's --ssl-certfile (instead of --insecure)")
+    w.add_argument("--superexec-auth-secret-file", metavar="FILE",
+                   help="the secret file the SuperNode was given with --superexec-auth-secret-file, if any")
+    w.add_argument("--poll", type=float, default=0.2,
+                   help="seconds between looks for a new task when idle (default 0.2; flower-superexec: 1)")
+    w.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="seconds to wait for the SuperNode's Runtime API to answer (at start, and if it goes "
+                        "away) before giving up (default 60)")
+    w.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process (e.g. the SuperNode) exits")
+    w.set_defaults(handler=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace, console: Console) -> int:
+    import logging
+
+    from .worker import serve
+
+    logging.getLogger("flwr").propagate = False  # flwr logs through its own handler; no second (DEBUG) copy
+    return serve(args.runtime_api_address, insecure=args.insecure, root_certificates=args.root_certificates,
+                 auth_secret_file=args.superexec_auth_secret_file, poll=args.poll,
+                 connect_timeout=args.connect_timeout, parent_pid=args.parent_pid,
+                 say=lambda line: print(line, flush=True))
 
 
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:

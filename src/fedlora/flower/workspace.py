@@ -4,8 +4,9 @@
 rows (`build.build_host`): its partition of the shared dataset, or its own data (`node_data`); no server,
 no other client's data. The model side is built once per config and process and shared by the clients it
 hosts (each with its own personal store): under Flower's simulation engine one process serves several virtual
-nodes; under real SuperNodes each message runs in a fresh process. Torch, transformers and peft are imported only where a model is built,
-so a process that answers only the setup query (data only) starts in a fraction of the time.
+nodes; a `fedlora flower worker` serves every message of its SuperNode (`--isolation process`); Flower's own
+`flwr-clientapp` runs each message in a fresh process. Torch, transformers and peft are imported only where
+a model is built, so a process that answers only the setup query (data only) starts in a fraction of the time.
 
 `server_side(cfg, settings)`: the model side, the `Server` and the `GlobalEvaluator` with the global test
 sets the server holds: the dataset's (shared-dataset runs), an optional `global-test` file, or none (clients
