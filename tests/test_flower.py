@@ -16,14 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from certs import node_key, public_key_pem, tls_certificates
@@ -31,96 +28,10 @@ from conftest import DOLLY, REPO
 
 from fedlora.config import dump_config, load_config
 from fedlora.core.components import component_of
+from fedlora.flower.localprocs import Processes, free_port, wait_for_port
 
 VENV_BIN = Path(sys.executable).parent
 NODES = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Subprocesses this test module started, each in its own session; stopped by PID with their descendants.
-
-    Descendants (SuperExec, ServerApp, ClientApp, Ray processes) are recorded while they run, as psutil
-    Process objects: those know their start time, so a PID reused by someone else's process is never touched.
-    """
-
-    def __init__(self, logdir: Path, env: dict):
-        self.logdir, self.env = logdir, env
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.seen: dict[int, psutil.Process] = {}
-        self.logs = []
-
-    def start(self, name: str, cmd: list[str], cwd: Path) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "w")
-        self.logs.append(log)
-        p = subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        self.procs[name] = p
-        self.tree(p.pid)
-        return p
-
-    def tree(self, pid: int) -> list[psutil.Process]:
-        try:
-            root = self.seen.get(pid) or psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-        for p in procs:
-            self.seen.setdefault(p.pid, p)
-        return procs
-
-    def snapshot(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                self.tree(p.pid)
-
-    def kill(self, name: str, sig=signal.SIGKILL) -> None:
-        """Stop one process and everything under it (a SuperNode: its SuperExec and ClientApp processes)."""
-        procs = self.tree(self.procs[name].pid)
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=15)
-        try:
-            self.procs[name].wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.procs[name].kill()
-            self.procs[name].wait(timeout=5)
-
-    def stop_all(self) -> None:
-        self.snapshot()
-        for name, p in self.procs.items():
-            if p.poll() is None:
-                self.kill(name, signal.SIGTERM)
-        survivors = self.alive()
-        for p in survivors:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(survivors, timeout=10)
-        for log in self.logs:
-            log.close()
-
-    def alive(self) -> list[psutil.Process]:
-        out = []
-        for p in self.seen.values():
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    def log(self, name: str) -> str:
-        return (self.logdir / f"{name}.log").read_text(errors="replace")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -249,18 +160,6 @@ def registered_ids(procs: Processes, expected: int, timeout: float = 120) -> lis
     ids = [int(i) for i in re.findall(r'"node-id":\s*(\d+)', procs.log("register"))]
     assert rc == 0 and len(ids) == expected, f"registering failed (rc {rc}):\n{procs.log('register')[-3000:]}"
     return ids
-
-
-def wait_for_port(port: int, procs: Processes, name: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if procs.procs[name].poll() is not None:
-            raise RuntimeError(f"{name} exited:\n{procs.log(name)[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{name} did not open port {port}")
 
 
 class Federation:

@@ -20,16 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_flower import (  # noqa: F401  (assets, reference: fixtures)
-    VENV_BIN,
-    Federation,
-    Processes,
-    assets,
-    free_port,
-    max_diff,
-    reference,
-    wait_for_port,
-)
+from test_flower import VENV_BIN, Federation, assets, max_diff, reference  # noqa: F401  (assets, reference: fixtures)
+
+from fedlora.flower.localprocs import Processes, free_port, wait_for_port
 
 NODES = 3
 DONE = re.compile(r"^worker (\d+): node (\d+) (\S+) \(run \d+\): done in", re.M)
