@@ -160,3 +160,87 @@ def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_p
     worker.join(timeout=300)
     assert result.get("rc") == 0
     assert (held / "results.json").is_file() and (out / "first" / "results.md").is_file()
+
+
+def _tuning_spec(spec, budget=3, split="validation"):
+    base = spec / "base.yaml"
+    text = base.read_text().replace("global_test_per_label: 2}", "global_test_per_label: 2, validation_fraction: 0.2}")
+    base.write_text(text)
+    (spec / "tuned.yaml").write_text(
+        "seeds: [0]\npaired_with: fedit\n"
+        "tuning:\n  name: tune\n"
+        f"  config: {base}\n  set: [eval.split={split}]\n  seed: 0\n  budget: {budget}\n"
+        "  methods: {fedit: [], fedlora_opt: [method_options.local_lr_mult=1]}\n"
+        "  stages:\n"
+        "    - {name: lr, all: [[train.lr=1.0e-4], [train.lr=3.0e-2]]}\n"
+        "    - name: second\n"
+        "      methods: {fedit: [[train.lr=*2]], fedlora_opt: [[train.personal_lr=*10]]}\n"
+        "experiments:\n"
+        f"  test:\n    config: {base}\n    tuned: tune\n"
+        "    methods: [fedit, fedlora_opt, {label: no_local, method: fedlora_opt, set: [train.personal_steps=0]}]\n")
+    return spec / "tuned.yaml"
+
+
+def test_tuning_equal_budget_stages_and_winners_run_on_test(spec, capsys):
+    import yaml
+
+    from fedlora.tuning import objective
+
+    path = _tuning_spec(spec)
+    out = spec / "study"
+    assert main(["study", "--spec", str(path), "--out", str(out), "--set", "threads=1"]) == 0
+    tune = json.loads((out / "tune" / "results.json").read_text())
+    runs = tune["runs"]
+    assert {m: len(r) for m, r in runs.items()} == {"fedit": 3, "fedlora_opt": 3}  # the budget, every method
+    for method, winner in tune["winners"].items():
+        # the winner is the lowest objective over every run of the method, and stage 2 scaled stage 1's best
+        assert winner["objective"] == min(r["objective"] for r in runs[method].values())
+        first = min((lab for lab in runs[method] if "," not in lab and lab.startswith("lr=")),
+                    key=lambda lab: runs[method][lab]["objective"])
+        lr = float(first.split("=")[1])
+        second = [lab for lab in runs[method] if lab not in ("lr=0.0001", "lr=0.03")]
+        assert len(second) == 1
+        want = f"lr={lr * 2:.3g}" if method == "fedit" else f"lr={lr:g},personal_lr={lr * 10:.3g}"
+        assert second[0] == want
+        run_cfg = yaml.safe_load((out / "tune" / method / second[0] / "seed_0" / "config.yaml").read_text())
+        assert run_cfg["eval"]["split"] == "validation"
+    # the test experiment: each method (and the ablation) with its winner's values, on the test split
+    for label, method in (("fedit", "fedit"), ("fedlora_opt", "fedlora_opt"), ("no_local", "fedlora_opt")):
+        cfg = yaml.safe_load((out / "test" / label / "seed_0" / "config.yaml").read_text())
+        assert cfg["eval"]["split"] == "test" and cfg["method"] == method
+        sets = dict(s.split("=", 1) for s in tune["winners"][method]["sets"])
+        assert cfg["train"]["lr"] == pytest.approx(float(sets["train.lr"]))
+    assert yaml.safe_load((out / "test" / "no_local" / "seed_0" / "config.yaml").read_text()
+                          )["train"]["personal_steps"] == 0
+    assert "**winner**" in (out / "summary.md").read_text()
+    assert objective({"global_loss": float("nan"), "local_loss": 1.0}, ["global_loss", "local_loss"]) == float("inf")
+    capsys.readouterr()
+
+
+def test_tuning_refuses_unequal_budgets_and_the_test_split(spec, capsys):
+    assert main(["study", "--spec", str(_tuning_spec(spec, budget=4)), "--out", str(spec / "o")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: study spec {spec / 'tuned.yaml'}: tuning gives fedit 3 runs; the budget is 4 for every method")
+    assert main(["study", "--spec", str(_tuning_spec(spec, split="test")), "--out", str(spec / "o")]) == 2
+    assert "tuning must set eval.split=validation" in capsys.readouterr().err
+
+
+def test_paired_confidence_interval_is_the_t_interval():
+    from fedlora.study import confidence_interval
+
+    # n = 5, mean 0.1, sample sd 0.1: t_{0.975, 4} = 2.776445 -> half width 0.124166
+    diffs = [0.0, 0.05, 0.1, 0.15, 0.25]
+    diffs = [d - sum(diffs) / 5 + 0.1 for d in diffs]
+    import numpy as np
+    sd = float(np.std(diffs, ddof=1))
+    lo, hi = confidence_interval(diffs)
+    assert (hi - lo) / 2 == pytest.approx(2.776445 * sd / 5 ** 0.5, rel=1e-5)
+    assert (lo + hi) / 2 == pytest.approx(0.1)
+    assert confidence_interval([0.3]) is None
+    by_label = {"ref": {s: {"global_loss": 1.0} for s in range(5)},
+                "m": {s: {"global_loss": 1.0 + d} for s, d in enumerate(diffs)}}
+    e = paired_differences(by_label, "ref")["m"]["global_loss"]
+    assert e["significant"] == (lo > 0) and e["ci95"] == pytest.approx([lo, hi])
+    assert paired_differences({"ref": by_label["ref"], "m": {s: {"global_loss": 1.0 + (-1) ** s * 0.1}
+                                                              for s in range(5)}}, "ref")["m"]["global_loss"][
+        "significant"] is False

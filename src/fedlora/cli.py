@@ -144,7 +144,7 @@ def _aggregate_rows(rows: list[dict]) -> dict:
     out = {k: v for k, v in rows[0].items() if k != "base"}
     out["seeds"] = len(rows)
     for key in ("global_loss", "global_rouge_l", "local_loss", "local_rouge_l", "unseen_loss", "unseen_rouge_l",
-                "bytes_up", "bytes_down", "wall_time"):
+                "bytes_up", "bytes_down", "wall_time", "steps", "tokens"):
         vals = [r[key] for r in rows if r.get(key) is not None]
         out[key] = float(np.mean(vals)) if vals else None
         out[key + "_std"] = float(np.std(vals)) if vals else None

@@ -87,7 +87,8 @@ class FedClient:
                 upload, _ = dp.privatize_upload(upload, shared, self.am.axes, self.local_dp, gen)
             upload = cast_floats(upload, transfer_dtype(self.cfg.federation.transfer_dtype))  # what travels
             update = ClientUpdate(cid, upload, stats.examples,
-                                  {"train_loss": stats.loss, "steps": stats.steps, "diverged": stats.diverged})
+                                  {"train_loss": stats.loss, "steps": stats.steps, "tokens": stats.tokens,
+                                   "diverged": stats.diverged})
             out.append(GlobalPhaseResult(update, new_personal, stats))
         return out
 

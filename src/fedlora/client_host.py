@@ -96,7 +96,7 @@ class ClientHost:
                 results = (self.client.local_phase(*job) for job in jobs)
             for c, (personal, stats) in zip(train, results):
                 self.store.put(c, personal)
-                out[c].update({"local-loss": stats.loss, "local-steps": stats.steps})
+                out[c].update({"local-loss": stats.loss, "local-steps": stats.steps, "local-tokens": stats.tokens})
                 if on_done:
                     on_done(c, stats)
         for c, task in cids_tasks.items():

@@ -58,6 +58,8 @@ class RoundRecord:
     eval: dict | None = None
     steps: float | None = None
     """Optimizer steps per client that took part (global phase + local phase), the round's mean: equal compute."""
+    tokens: float | None = None
+    """Tokens trained on per client that took part (both phases), the round's mean (None: not reported)."""
     failed: dict[str, str] = field(default_factory=dict)
     """Clients that did not answer a request this round, and why (a real federation's failures)."""
     privacy: dict | None = None
@@ -161,7 +163,8 @@ class RoundEngine:
                                                  evaluate_global=evaluate_now and self.federated_eval)
                                     for c in sorted(asked)},
                               {u.client_id: int(u.metrics.get("steps", 0)) for u in updates},
-                              self._elapsed + time.perf_counter() - t0)
+                              self._elapsed + time.perf_counter() - t0,
+                              {u.client_id: int(u.metrics["tokens"]) for u in updates if "tokens" in u.metrics})
         return finished
 
     def finish(self) -> RoundRecord | None:
@@ -200,6 +203,8 @@ class RoundEngine:
         rec.local_phase_loss = float(np.mean(local_losses)) if local_losses else None
         steps = [s + int(answers.get(c, {}).get("local-steps", 0)) for c, s in sorted(o.global_steps.items())]
         rec.steps = float(np.mean(steps)) if steps else None
+        tokens = [n + int(answers.get(c, {}).get("local-tokens", 0)) for c, n in sorted(o.global_tokens.items())]
+        rec.tokens = float(np.mean(tokens)) if tokens else None
         for c in sorted(o.tasks):
             if c in failed:
                 rec.failed.setdefault(str(c), failed[c])
@@ -301,16 +306,19 @@ class OpenRound:
     global_steps: dict[int, int]
     seconds: float
     """Wall time of the round so far (its exchange and the server's work)."""
+    global_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"record": self.record.as_dict(), "seconds": self.seconds,
                 "tasks": {str(c): dataclasses.asdict(t) for c, t in self.tasks.items()},
-                "global_steps": {str(c): s for c, s in self.global_steps.items()}}
+                "global_steps": {str(c): s for c, s in self.global_steps.items()},
+                "global_tokens": {str(c): n for c, n in self.global_tokens.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> OpenRound:
         return cls(RoundRecord.from_dict(d["record"]), {int(c): LocalTask(**t) for c, t in d["tasks"].items()},
-                   {int(c): int(s) for c, s in d["global_steps"].items()}, float(d["seconds"]))
+                   {int(c): int(s) for c, s in d["global_steps"].items()}, float(d["seconds"]),
+                   {int(c): int(n) for c, n in d.get("global_tokens", {}).items()})
 
 
 def with_global(ev: dict) -> dict:

@@ -171,6 +171,7 @@ def train_lockstep(am: AdapterModel, starts: Sequence[State], batches: Sequence[
                 tokens_seen[i] += max(1, int(step_tokens[i]))
                 stats[i].steps += 1
                 stats[i].examples += sum(len(mb[i]) for mb in micro)
+                stats[i].tokens += sum(len(it.input_ids) for mb in micro for it in mb[i])
     am.model.eval()
     states = stacked.states()
     for i, state in stopped.items():

@@ -74,7 +74,7 @@ def _fmt(x, digits=4) -> str:
 
 def results_table(rows: list[dict]) -> str:
     """Markdown table; each row: method, global/local loss and ROUGE-L (mean ± std where several seeds)."""
-    head = ("| method | seeds | global loss | global ROUGE-L | local loss | local ROUGE-L | steps/client-round | "
+    head = ("| method | seeds | global loss | global ROUGE-L | local loss | local ROUGE-L | steps/client-round | tokens/client-round | "
             "up B/client-round | down B/client-round | trainable | communicated | wall s |")
     unseen = any(r.get("unseen_loss") is not None for r in rows)  # Natural Instructions: unseen tasks
     if unseen:
@@ -89,7 +89,7 @@ def results_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r.get('seeds', 1)} | {ms('global_loss')} | {ms('global_rouge_l')} | "
             + (f"{ms('unseen_loss')} | {ms('unseen_rouge_l')} | " if unseen else "") +
-            f"{ms('local_loss')} | {ms('local_rouge_l')} | {_fmt(r.get('steps'), 1)} | {r.get('bytes_up', 0):,.0f} | "
+            f"{ms('local_loss')} | {ms('local_rouge_l')} | {_fmt(r.get('steps'), 1)} | {_fmt(r.get('tokens'), 0)} | {r.get('bytes_up', 0):,.0f} | "
             f"{r.get('bytes_down', 0):,.0f} | {r.get('trainable', 0):,} | {r.get('communicated', 0):,} | "
             f"{r.get('wall_time', 0):.1f} |"
         )
@@ -105,6 +105,7 @@ def summary_row(method: str, history: list[dict], counts: dict, wall: float) -> 
         "local_loss": last["local"]["loss"], "local_rouge_l": last["local"]["rouge_l"],
         "unseen_loss": last.get("unseen", {}).get("loss"), "unseen_rouge_l": last.get("unseen", {}).get("rouge_l"),
         "steps": _mean([h.get("steps") for h in history]),
+        "tokens": _mean([h.get("tokens") for h in history]),
         "bytes_up": sum(h["bytes_up"] for h in history) / max(1, rounds),
         "bytes_down": sum(h["bytes_down"] for h in history) / max(1, rounds),
         **counts, "wall_time": wall,

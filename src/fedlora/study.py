@@ -14,6 +14,7 @@ experiment of the spec, whichever process wrote it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from rich.console import Console
 
 from . import results as res
 from .errors import ConfigError, UserError
+from .tuning import check_tuning, plan, tuning_table
 
 
 def load_spec(path: str) -> dict:
@@ -39,29 +41,33 @@ def load_spec(path: str) -> dict:
         for key in ("config", "methods"):
             if key not in exp:
                 raise ConfigError(f"study spec {p}: experiment '{name}' has no '{key}'")
+    if spec.get("tuning") is not None:
+        check_tuning(spec["tuning"], f"study spec {p}")
     return spec
 
 
 def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, console: Console,
               overrides: list[str] | None = None) -> Path:
-    """Run the spec's experiments (or `only` those); `overrides` apply to every run (e.g. threads=1)."""
+    """Run the spec's tuning and experiments (or `only` those); `overrides` apply to every run (e.g. threads=1)."""
     from .config import load_config
     from .runner import Session, run_experiment
 
     spec = load_spec(spec_path)
+    tuning = spec.get("tuning")
     if only:
-        unknown = [n for n in only if n not in spec["experiments"]]
+        names = list(spec["experiments"]) + ([tuning["name"]] if tuning else [])
+        unknown = [n for n in only if n not in names]
         if unknown:
-            raise ConfigError(f"--only: no experiment {unknown[0]!r} in {spec_path}; "
-                              f"it has {', '.join(spec['experiments'])}")
+            raise ConfigError(f"--only: no experiment {unknown[0]!r} in {spec_path}; it has {', '.join(names)}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    quick_sets = list(spec.get("quick", [])) if quick else []
     session = None
     plans = []
     for name, exp in spec["experiments"].items():
         if only and name not in only:
             continue
-        sets = list(exp.get("set", [])) + (list(spec.get("quick", [])) + list(exp.get("quick", [])) if quick else [])
+        sets = list(exp.get("set", [])) + (quick_sets + list(exp.get("quick", [])) if quick else [])
         sets += list(overrides or [])
         seeds = exp.get("seeds", spec.get("seeds", [0]))
         if quick:
@@ -69,48 +75,89 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         base = load_config(exp["config"], sets)  # a bad spec fails here, before anything runs
         if session is None:
             session = Session(base, console)
+        if exp.get("tuned") and (not tuning or exp["tuned"] != tuning["name"]):
+            raise ConfigError(f"study spec {spec_path}: experiment '{name}' is tuned by '{exp['tuned']}', which is "
+                              "not the spec's tuning")
         plans.append((name, exp, sets, seeds, [_method_entry(e) for e in exp["methods"]]))
+    tune_sets = list((tuning or {}).get("set", [])) + quick_sets + list(overrides or [])
+    run_tuning = bool(tuning) and (not only or tuning["name"] in only or any(p[1].get("tuned") for p in plans))
+    if run_tuning:
+        base = load_config(tuning["config"], tune_sets)
+        session = session or Session(base, console)
     announced: set[Path] = set()
 
-    def finished_or_run(name: str, exp: dict, sets: list[str], label: str, extra: list[str], seed: int) -> bool:
+    def finished_or_run(run_dir: Path, config: str, sets: list[str], title: str) -> bool:
         """True once the run is finished (by this process now, or before, or by another process)."""
-        run_dir = root / name / label / f"seed_{seed}"
         if (run_dir / "results.json").is_file():
             if run_dir not in announced:
-                console.print(f"[dim]{name}/{label}/seed_{seed}: done, skipped")
+                console.print(f"[dim]{run_dir.relative_to(root).as_posix()}: done, skipped")
             announced.add(run_dir)
             return True
         if not _claim(run_dir):
             return False  # another live process is running it
-        cfg = load_config(exp["config"], sets + extra + [f"seed={seed}"])
+        cfg = load_config(config, sets)
         cfg.output.dir = str(run_dir)
         res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run restarts from scratch
         _claim(run_dir)  # prepare_run_dir emptied the directory
-        console.rule(f"{name}: {label} (seed {seed})")
+        console.rule(title)
         run_experiment(session, cfg, run_dir, show_partition=False)
         (run_dir / CLAIM).unlink(missing_ok=True)
         announced.add(run_dir)
         return True
 
-    # Every free run of every experiment first; an experiment's tables are written once all its runs are
-    # finished, so a process waits for another's runs only when nothing is left for it to run.
-    while plans:
+    def tuning_step() -> tuple[dict[str, dict] | None, bool]:
+        """(the winners once every method's tuning is finished, else None; whether runs of another process
+        are awaited). Runs every tuning run this process can take now."""
+        troot = root / tuning["name"]
+        seed = int(tuning.get("seed", 0))
+        load = lambda extra: load_config(tuning["config"], tune_sets + extra)  # noqa: E731
+        while True:
+            todo, winners = plan(tuning, troot, load, spec_path)
+            if not todo:
+                table, record = tuning_table(tuning, troot, winners)
+                res.atomic_write(troot / "results.md", table)
+                res.write_json(troot / "results.json", record)
+                return winners, False
+            ran = [finished_or_run(run.run_dir(troot, seed), tuning["config"],
+                                   tune_sets + list(run.sets) + [f"seed={seed}"],
+                                   f"{tuning['name']}: {run.method} {run.stage} {run.label} (seed {seed})")
+                   for run in todo]
+            if not any(ran):
+                return None, True
+
+    # Every free run first; an experiment's tables are written once all its runs are finished, so a process waits
+    # for another's runs only when nothing is left for it to run. Tuned experiments start once tuning is finished.
+    winners: dict[str, dict] | None = None
+    while True:
+        waiting = False
+        if run_tuning and winners is None:
+            winners, waiting = tuning_step()
         pending = []
-        for plan in plans:
-            name, exp, sets, seeds, entries = plan
-            waiting = [(label, seed) for label, extra in entries for seed in seeds
-                       if not finished_or_run(name, exp, sets, label, extra, seed)]
-            if waiting:
-                pending.append(plan)
-                console.print(f"[dim]{name}: waiting for {len(waiting)} run(s) of another process "
-                              f"({', '.join(f'{l}/seed_{s}' for l, s in waiting[:3])}"
-                              f"{' ...' if len(waiting) > 3 else ''})")
+        for plan_ in plans:
+            name, exp, sets, seeds, entries = plan_
+            if exp.get("tuned"):
+                if winners is None:
+                    pending.append(plan_)
+                    continue
+                entries = [_tuned_entry(label, extra, winners, name) for label, extra in entries]
+            left = [(label, seed) for label, extra in entries for seed in seeds
+                    if not finished_or_run(root / name / label / f"seed_{seed}", exp["config"],
+                                           sets + extra + [f"seed={seed}"], f"{name}: {label} (seed {seed})")]
+            if left:
+                pending.append(plan_)
+                console.print(f"[dim]{name}: waiting for {len(left)} run(s) of another process "
+                              f"({', '.join(f'{l}/seed_{s}' for l, s in left[:3])}{' ...' if len(left) > 3 else ''})")
             else:
                 _write_experiment_tables(root, name, exp, spec, sets, seeds, entries)
         plans = pending
-        if plans:
+        if not plans and not (run_tuning and winners is None):
+            break
+        if waiting or plans:
             time.sleep(10)
     tables = []
+    if tuning and (root / tuning["name"] / "results.md").is_file():
+        tables.append(f"## {tuning['name']}\n\n{tuning.get('description', '')}\n\n"
+                      f"{(root / tuning['name'] / 'results.md').read_text()}")
     for name, exp in spec["experiments"].items():  # every finished experiment, also those of other processes
         done = root / name / "results.json"
         if done.is_file():
@@ -120,6 +167,14 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
+
+
+def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experiment: str) -> tuple[str, list[str]]:
+    """A method entry of a tuned experiment: its method's winning overrides, then the entry's own (an ablation)."""
+    method = extra[0].split("=", 1)[1]
+    if method not in winners:
+        raise ConfigError(f"study spec: experiment '{experiment}' runs {method}, which the tuning does not tune")
+    return label, list(winners[method]["sets"]) + extra[1:]
 
 
 def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets: list[str], seeds: list[int],
@@ -194,9 +249,26 @@ def _alive(pid: int) -> bool:
 PAIRED_METRICS = (("global_loss", -1), ("local_loss", -1), ("global_rouge_l", 1), ("local_rouge_l", 1))
 
 
+def confidence_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean paired difference: mean ± t_{(1+level)/2, n-1} · s / √n (s with n − 1).
+
+    None for fewer than 2 seeds (no spread to estimate).
+    """
+    import numpy as np
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def paired_differences(by_label: dict[str, dict[int, dict]], reference: str) -> dict:
     """Per method: the per-seed difference to `reference` (same seed: same partition and test sets) of each
-    metric, its mean and std over seeds, and on how many seeds the method was better (lower loss, higher ROUGE-L).
+    metric, its mean, std and 95 % confidence interval over seeds, and on how many seeds the method was better
+    (lower loss, higher ROUGE-L).
 
     Seeds change the partition and the test sets, which moves every method's numbers together; the paired
     difference removes that shared part, so it is the fair way to tell a method's effect from the seed spread.
@@ -213,22 +285,32 @@ def paired_differences(by_label: dict[str, dict[int, dict]], reference: str) -> 
             diffs = [runs[s][key] - ref[s][key] for s in runs
                      if s in ref and runs[s].get(key) is not None and ref[s].get(key) is not None]
             if diffs:
+                ci = confidence_interval(diffs)
                 entry[key] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "seeds": len(diffs),
-                              "better": sum(1 for d in diffs if sign * d > 0), "per_seed": diffs}
+                              "better": sum(1 for d in diffs if sign * d > 0), "per_seed": diffs,
+                              "ci95": list(ci) if ci else None,
+                              "significant": bool(ci and (ci[0] > 0 or ci[1] < 0))}
         out[label] = entry
     return out
 
 
 def paired_table(paired: dict, reference: str, n_seeds: int) -> str:
-    head = (f"Paired by seed against {reference} (method − {reference}; mean ± std over seeds, and on how many seeds "
-            f"the method was better):\n\n| method | global loss | local loss | global ROUGE-L | local ROUGE-L |\n"
-            f"|---|---|---|---|---|\n")
+    head = (f"Paired by seed against {reference} (method − {reference}: mean [95 % confidence interval] over seeds, "
+            f"and on how many seeds the method was better; n.s. = the interval contains 0):\n\n"
+            f"| method | global loss | local loss | global ROUGE-L | local ROUGE-L |\n|---|---|---|---|---|\n")
     lines = []
     for label, entry in paired.items():
         cells = []
         for key, _ in PAIRED_METRICS:
             e = entry.get(key)
-            cells.append("–" if e is None else f"{e['mean']:+.4f} ± {e['std']:.4f} ({e['better']}/{e['seeds']})")
+            if e is None:
+                cells.append("–")
+            elif e.get("ci95"):
+                lo, hi = e["ci95"]
+                cells.append(f"{e['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({e['better']}/{e['seeds']})"
+                             + ("" if e["significant"] else " n.s."))
+            else:
+                cells.append(f"{e['mean']:+.4f} ({e['better']}/{e['seeds']})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 

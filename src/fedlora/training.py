@@ -19,6 +19,8 @@ from .data.prompts import IGNORE, Encoded
 class PhaseStats:
     examples: int = 0
     steps: int = 0
+    tokens: int = 0
+    """Tokens the phase trained on (prompt and response, no padding): equal compute is steps and tokens."""
     loss: float = float("nan")
     diverged: bool = False
 
@@ -170,6 +172,7 @@ def train_phase(am: AdapterModel, batches: list[list[list[Encoded]]], trainable:
         total_tokens += step_tokens
         stats.steps += 1
         stats.examples += sum(len(mb) for mb in micro_batches)
+        stats.tokens += sum(len(it.input_ids) for mb in micro_batches for it in mb)
     am.model.eval()
     am.set_trainable(())
     stats.loss = total_loss / total_tokens if total_tokens else float("nan")

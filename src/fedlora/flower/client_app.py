@@ -92,7 +92,8 @@ def train_round(msg: Message, context: Context) -> Message:
     if bool(conf["train"]):
         u = host.global_phases(int(conf["train-round"]), [cid], shared)[cid]
         out.update({"num-examples": u.num_examples, "train-loss": float(u.metrics["train_loss"]),
-                    "steps": int(u.metrics["steps"]), "diverged": int(bool(u.metrics["diverged"]))})
+                    "steps": int(u.metrics["steps"]), "tokens": int(u.metrics["tokens"]),
+                    "diverged": int(bool(u.metrics["diverged"]))})
         content[M.UPDATE] = M.to_record(u.state)
     out["seconds"] = time.perf_counter() - t0
     content[M.METRICS] = MetricRecord(out)

@@ -147,7 +147,7 @@ def local_metrics(answer: Mapping) -> dict:
 
 def local_answer(metrics: Mapping) -> dict:
     """The flat metrics of a reply -> the `ClientHost.local_round` answer they came from."""
-    out = {k: metrics[k] for k in ("local-loss", "local-steps") if k in metrics}
+    out = {k: metrics[k] for k in ("local-loss", "local-steps", "local-tokens") if k in metrics}
     for which, prefix in _EVALS.items():
         if prefix + "loss" in metrics:
             rouge = metrics.get(prefix + "rouge-l")

@@ -253,4 +253,5 @@ def _to_update(cid: int, reply: Message, like) -> ClientUpdate:
     state = M.from_record(c.array_records[M.UPDATE], like) if M.UPDATE in c.array_records else {}
     return ClientUpdate(cid, state, int(mr["num-examples"]),
                         {"train_loss": float(mr["train-loss"]), "steps": int(mr["steps"]),
-                         "diverged": bool(mr["diverged"])})
+                         "diverged": bool(mr["diverged"]),
+                         **({"tokens": int(mr["tokens"])} if "tokens" in mr else {})})
