@@ -213,6 +213,25 @@ def test_tuning_equal_budget_stages_and_winners_run_on_test(spec, capsys):
     assert yaml.safe_load((out / "test" / "no_local" / "seed_0" / "config.yaml").read_text()
                           )["train"]["personal_steps"] == 0
     assert "**winner**" in (out / "summary.md").read_text()
+
+    # published: the result files copied, the report built from the copies, embedded between a doc's markers
+    from fedlora.study_report import BEGIN, END
+
+    doc = spec / "results.md"
+    doc.write_text(f"# Results\n\nhand-written words\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    pub = spec / "published"
+    assert main(["study", "--spec", str(path), "--out", str(out), "--publish", str(pub), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nhand-written words") and text.endswith(f"{END}\n\nafter\n")
+    assert "old" not in text and "6 of 6 runs finished." in text
+    assert json.loads((pub / "test" / "results.json").read_text()) == json.loads((out / "test" / "results.json").read_text())
+    assert (pub / "test" / "results.md").read_text() in text
+    w = json.loads((pub / "tune" / "results.json").read_text())["winners"]["fedit"]
+    assert f"| fedit | {w['sets'][1]} | {w['stage']} | {w['objective']:.4f} |" in text
+    doc.write_text("no markers\n")
+    capsys.readouterr()
+    assert main(["study", "--spec", str(path), "--out", str(out), "--publish", str(pub), "--doc", str(doc)]) == 2
+    assert "has no study-report markers" in capsys.readouterr().err
     assert objective({"global_loss": float("nan"), "local_loss": 1.0}, ["global_loss", "local_loss"]) == float("inf")
     capsys.readouterr()
 

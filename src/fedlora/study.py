@@ -113,10 +113,11 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         load = lambda extra: load_config(tuning["config"], tune_sets + extra)  # noqa: E731
         while True:
             todo, winners = plan(tuning, troot, load, spec_path)
+            table, record = tuning_table(tuning, troot, winners)  # also while unfinished: the runs so far
+            troot.mkdir(parents=True, exist_ok=True)
+            res.atomic_write(troot / "results.md", table)
+            res.write_json(troot / "results.json", record)
             if not todo:
-                table, record = tuning_table(tuning, troot, winners)
-                res.atomic_write(troot / "results.md", table)
-                res.write_json(troot / "results.json", record)
                 return winners, False
             ran = [finished_or_run(run.run_dir(troot, seed), tuning["config"],
                                    tune_sets + list(run.sets) + [f"seed={seed}"],
@@ -333,8 +334,25 @@ def register(sub) -> None:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field in every run, e.g. --set threads=1 (repeatable)")
 
+    p.add_argument("--publish", metavar="DIR",
+                   help="run nothing: copy the finished results of --out into DIR and write the report built from "
+                        "them (DIR/README.md)")
+    p.add_argument("--doc", metavar="FILE", help="with --publish: also put the report between FILE's markers")
+
     def handler(args, console):
         only = args.only.split(",") if args.only else None
+        if args.doc and not args.publish:
+            raise UserError("--doc needs --publish DIR")
+        if args.publish:
+            from .config import load_config
+            from .study_report import embed, publish
+
+            report = publish(load_spec(args.spec), args.spec, Path(args.out), Path(args.publish),
+                             lambda config, sets: load_config(config, sets + args.set))
+            if args.doc:
+                embed(Path(args.doc), report)
+            print(report)
+            return 0
         try:
             run_study(args.spec, args.out, quick=args.quick, only=only, console=console, overrides=args.set)
         except KeyError as e:

@@ -169,9 +169,10 @@ def tuning_table(t: dict, root: Path, winners: dict[str, dict]) -> tuple[str, di
     seed = int(t.get("seed", 0))
     keys = list(t.get("objective", ["global_loss", "local_loss"]))
     lines = [f"Tuning on the validation split (seed {seed}; objective: mean of {', '.join(keys)}, lower is better; "
-             f"{t['budget']} runs per method)\n",
+             f"{t['budget']} runs per method){'' if len(winners) == len(t['methods']) else '; IN PROGRESS'}\n",
              "| method | run | global loss | local loss | objective | |", "|---|---|---|---|---|---|"]
-    record = {"budget": t["budget"], "objective": keys, "seed": seed, "winners": winners, "runs": {}}
+    record = {"budget": t["budget"], "objective": keys, "seed": seed, "winners": winners, "runs": {},
+              "planned": t["budget"] * len(t["methods"]), "finished": 0, "complete": len(winners) == len(t["methods"])}
     for name in t["methods"]:
         runs = sorted(p.parent for p in (root / name).glob(f"*/seed_{seed}/results.json"))
         for run_dir in runs:
@@ -181,6 +182,7 @@ def tuning_table(t: dict, root: Path, winners: dict[str, dict]) -> tuple[str, di
             win = winners.get(name, {}).get("label") == label
             record["runs"].setdefault(name, {})[label] = {"global_loss": s.get("global_loss"),
                                                          "local_loss": s.get("local_loss"), "objective": score}
+            record["finished"] += 1
             lines.append(f"| {name} | {label} | {s.get('global_loss', math.nan):.4f} | "
                          f"{s.get('local_loss', math.nan):.4f} | {score:.4f} | {'**winner**' if win else ''} |")
     return "\n".join(lines) + "\n", record
