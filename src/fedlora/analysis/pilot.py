@@ -4,7 +4,9 @@ For each task group (a Dolly category, or a Natural Instructions task) a fresh L
 same seeded initialization for every group) is trained for `steps` optimizer steps on that group
 alone; A and B are copied at step 0 and every `every` steps (and at the last step). The measures
 of `fedlora.analysis.sensitivity` then say how much each factor changed in direction and in
-magnitude, and `write_pilot_report` writes the tables and plots.
+magnitude, and `write_pilot_report` writes the tables and plots. With a `PerturbSpec`, rows held
+out of each group measure the second reading: the loss response to a direction-only or
+magnitude-only perturbation of each factor (`fedlora.analysis.sensitivity.perturb`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,9 @@ from ..data.prompts import IGNORE, PromptFormatter
 from ..errors import DataError, UserError
 from ..training import collate, phase_rng, response_loss, sample_batches
 from .sensitivity import AXES, MEASURE, PAPER_RATIOS, measure_snapshots, summarize, write_report
+from .sensitivity.perturb import RESPONSE, loss_response, response_ratios
+
+RESPONSE_KEYS = ("S_dir_A", "S_dir_B", "a_dir_over_b_dir", "S_mag_A", "S_mag_B", "b_mag_over_a_mag")
 
 DEFAULT_NUM_GROUPS = 4
 LOSS_WINDOW = 5  # the summary's training loss: mean over the first and over the last 5 steps
@@ -108,6 +113,42 @@ class GroupRun:
     losses: list[float] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
+    seed: int = 0
+    responses: list[tuple[int, dict]] = field(default_factory=list)  # (step, loss_response(...)) per measured step
+
+
+@dataclass(frozen=True)
+class PerturbSpec:
+    """The second reading: `heldout` rows per group held out of training, perturbation size `rho`, `draws`
+    draws, measured at the final snapshot (`at="final"`) or at every snapshot (`at="all"`)."""
+    heldout: int = 16
+    rho: float = 0.1
+    draws: int = 4
+    at: str = "final"
+
+
+def split_heldout(examples: list[Example], n: int, group: str) -> tuple[list[Example], list[Example]]:
+    """(n rows held out, the rest); the held-out rows depend only on the group, so every seed uses the same."""
+    if n <= 0:
+        return [], list(examples)
+    if n >= len(examples):
+        raise UserError(f"--heldout: task group {group!r} has {len(examples)} rows; hold out fewer")
+    held = set(random.Random(f"heldout/{group}").sample(range(len(examples)), n))
+    return [e for i, e in enumerate(examples) if i in held], [e for i, e in enumerate(examples) if i not in held]
+
+
+def measure_responses(am: AdapterModel, fmt: PromptFormatter, heldout: list[Example], snapshots: list[Snapshot],
+                      spec: PerturbSpec, batch_size: int, seed: int) -> list[tuple[int, dict]]:
+    """The loss response of each factor at the final snapshot (or every one), the adapter loaded with it."""
+    encoded = [fmt.encode(e) for e in heldout]
+    batches = [collate(encoded[j:j + batch_size], fmt.tok.pad_token_id, am.device)
+               for j in range(0, len(encoded), batch_size)]
+    chosen = snapshots if spec.at == "all" else snapshots[-1:]
+    out = []
+    for step, snap in chosen:
+        am.load_state(snap)
+        out.append((step, loss_response(am, batches, rho=spec.rho, draws=spec.draws, seed=seed)))
+    return out
 
 
 def lora_snapshot(am: AdapterModel) -> dict[str, torch.Tensor]:
@@ -157,10 +198,12 @@ def finetune_group(am: AdapterModel, fmt: PromptFormatter, examples: list[Exampl
 
 
 def run_pilot(cfg, tokenizer, base_model, group_examples: dict[str, list[Example]], *, steps: int, every: int,
+              perturb: PerturbSpec | None = None, done: Collection[str] = (),
               on_start: Callable[[str], None] | None = None,
               on_step: Callable[[int, float], None] | None = None,
               on_done: Callable[[GroupRun], None] | None = None) -> tuple[list[GroupRun], object]:
-    """Fine-tune a fresh LoRA on each group in turn; return the runs and the (clean) base model."""
+    """Fine-tune a fresh LoRA (init from cfg.seed) on each group in turn, skipping the groups in `done` (each group
+    keeps its data-order seed cfg.seed * 1000 + its index); return the runs and the (clean) base model."""
     if steps < 1:
         raise UserError(f"--steps: must be at least 1 (got {steps})")
     if every < 1:
@@ -170,6 +213,9 @@ def run_pilot(cfg, tokenizer, base_model, group_examples: dict[str, list[Example
     for i, (group, examples) in enumerate(group_examples.items()):
         if not examples:
             raise UserError(f"task group {group!r} has no examples")
+        if group in done:
+            continue
+        heldout, examples = split_heldout(examples, perturb.heldout if perturb else 0, group)
         if on_start:
             on_start(group)
         t0 = time.perf_counter()
@@ -177,9 +223,12 @@ def run_pilot(cfg, tokenizer, base_model, group_examples: dict[str, list[Example
         try:
             run = finetune_group(am, fmt, examples, steps=steps, every=every, train_cfg=cfg.train,
                                  seed=cfg.seed * 1000 + i, on_step=on_step)
+            if perturb:
+                run.responses = measure_responses(am, fmt, heldout, run.snapshots, perturb,
+                                                  cfg.train.batch_size, seed=cfg.seed)
         finally:
             base_model = am.release()
-        run.group, run.seconds = group, time.perf_counter() - t0
+        run.group, run.seconds, run.seed = group, time.perf_counter() - t0, cfg.seed
         runs.append(run)
         if on_done:
             on_done(run)
@@ -229,6 +278,7 @@ def pilot_summary(runs: list[GroupRun], records: list[dict]) -> dict:
             "axes": {axis: {**v, "a_dir_over_b_dir_same_interval": same.get(axis, math.nan)}
                      for axis, v in s["axes"].items()},
             "by_layer_type": s["by_layer_type"],
+            "responses": final_response(run),
         }
     overall = {}
     for axis in AXES:
@@ -241,7 +291,18 @@ def pilot_summary(runs: list[GroupRun], records: list[dict]) -> dict:
         same = [v["a_dir_over_b_dir_same_interval"] for v in vals if not math.isnan(v["a_dir_over_b_dir_same_interval"])]
         mean["a_dir_over_b_dir_same_interval_mean"] = sum(same) / len(same) if same else math.nan
         overall[axis] = mean
-    return {"measure": MEASURE, "paper": dict(PAPER_RATIOS), "groups": per_group, "overall": overall}
+    finals = [r for run in runs if run.responses for r in run.responses[-1][1]["records"]]
+    return {"measure": MEASURE, "paper": dict(PAPER_RATIOS), "groups": per_group, "overall": overall,
+            "overall_responses": response_ratios(finals) if finals else None}
+
+
+def final_response(run: GroupRun) -> dict | None:
+    """The second reading at the run's last measured snapshot: its step, held-out loss and S / ratios per axis."""
+    if not run.responses:
+        return None
+    step, resp = run.responses[-1]
+    return {"step": step, "base_loss": resp["base_loss"], "rho": resp["rho"], "draws": resp["draws"],
+            "axes": response_ratios(resp["records"])}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -288,6 +349,15 @@ def summary_markdown(summary: dict, command: str = "") -> str:
                 f"| {_f(v['delta_magnitude_A'])} | {_f(v['delta_magnitude_B'])} | {_f(v['b_mag_over_a_mag'])} "
                 f"| {_f(v['relative_delta_magnitude_A'])} | {_f(v['relative_delta_magnitude_B'])} |"
             )
+    if summary.get("overall_responses"):
+        lines += ["", "## Second reading: loss response to a matched perturbation (final snapshot)", "",
+                  f"Measure: {RESPONSE} \"all groups\" averages each S over the groups, then takes the ratio.", "",
+                  "| task group | axis | S_dir A | S_dir B | A-dir : B-dir | S_mag A | S_mag B | B-mag : A-mag |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rows = [(g, v["responses"]["axes"]) for g, v in summary["groups"].items() if v["responses"]]
+        for g, axes in rows + [("**all groups**", summary["overall_responses"])]:
+            lines += [f"| {g} | {axis} | " + " | ".join(_f(v[k]) for k in RESPONSE_KEYS) + " |"
+                      for axis, v in axes.items()]
     lines += ["", "## Training", "", f"| task group | steps | rows used | loss, first {LOSS_WINDOW} steps "
               f"| loss, last {LOSS_WINDOW} steps | seconds |",
               "|---|---|---|---|---|---|"]
