@@ -19,8 +19,11 @@ def register(subparsers) -> None:
         "sensitivity",
         help="fine-tune LoRA on several task groups and measure how A and B change in direction and magnitude",
         description="Fine-tune a fresh plain LoRA separately on each task group (Dolly categories or Natural "
-                    "Instructions tasks), snapshot A and B every k steps, and write tables (per factor, layer "
-                    "type, task group, both norm axes), the paper's two ratios and PNG plots.",
+                    "Instructions tasks) for each seed, snapshot A and B every k steps, and report both readings "
+                    "of sensitivity: how much each factor's direction and magnitude change during training, and "
+                    "how much the held-out loss responds to a matched direction-only or magnitude-only "
+                    "perturbation of each factor. Writes tables, the paper's two ratios (mean ± std over seeds) "
+                    "and PNG plots. Rerun with the same --out to resume.",
     )
     p.add_argument("--config", "-c", help="YAML config file (model, data, lora, train.lr/batch_size are used)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
