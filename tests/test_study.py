@@ -263,3 +263,26 @@ def test_paired_confidence_interval_is_the_t_interval():
     assert paired_differences({"ref": by_label["ref"], "m": {s: {"global_loss": 1.0 + (-1) ** s * 0.1}
                                                               for s in range(5)}}, "ref")["m"]["global_loss"][
         "significant"] is False
+
+
+def test_the_pilot_study_is_part_of_the_spec(spec, capsys):
+    """`pilot:` runs `fedlora analyze sensitivity` into <out>/pilot once; a rerun skips it; publish shows it."""
+    model = spec / "tiny"
+    args = ["--set", f"model.name={model}", "--set", f"data.path={DOLLY}", "--set", "max_length=64",
+            "--set", "train.batch_size=2", "--set", "model.threads=1", "--groups", "closed_qa,brainstorming",
+            "--seeds", "0", "--steps", "2", "--every", "1", "--heldout", "2", "--draws", "1"]
+    path = spec / "with_pilot.yaml"
+    path.write_text((spec / "spec.yaml").read_text() + "pilot:\n  description: tiny\n  args: " + json.dumps(args)
+                    + "\n")
+    out = spec / "study"
+    assert main(["study", "--spec", str(path), "--out", str(out), "--only", "pilot"]) == 0
+    assert "pilot: fedlora analyze sensitivity" in capsys.readouterr().out
+    summary = json.loads((out / "pilot" / "summary.json").read_text())
+    assert summary["seeds"] == [0] and summary["groups"] == ["closed_qa", "brainstorming"]
+    assert not (out / "small").exists()  # --only pilot ran nothing else
+    assert main(["study", "--spec", str(path), "--out", str(out), "--only", "pilot"]) == 0
+    assert "pilot: fedlora analyze sensitivity" not in capsys.readouterr().out
+    pub = spec / "published"
+    assert main(["study", "--spec", str(path), "--out", str(out), "--publish", str(pub)]) == 0
+    report = capsys.readouterr().out
+    assert (pub / "pilot" / "summary.md").read_text() in report and "Not finished: 0 of 4 runs" in report

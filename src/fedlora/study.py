@@ -55,7 +55,8 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     spec = load_spec(spec_path)
     tuning = spec.get("tuning")
     if only:
-        names = list(spec["experiments"]) + ([tuning["name"]] if tuning else [])
+        names = list(spec["experiments"]) + ([tuning["name"]] if tuning else []) + (["pilot"] if spec.get("pilot")
+                                                                                    else [])
         unknown = [n for n in only if n not in names]
         if unknown:
             raise ConfigError(f"--only: no experiment {unknown[0]!r} in {spec_path}; it has {', '.join(names)}")
@@ -84,6 +85,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     if run_tuning:
         base = load_config(tuning["config"], tune_sets)
         session = session or Session(base, console)
+    run_pilot = bool(spec.get("pilot")) and (not only or "pilot" in only)
     announced: set[Path] = set()
 
     def finished_or_run(run_dir: Path, config: str, sets: list[str], title: str) -> bool:
@@ -153,8 +155,10 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         plans = pending
         if not plans and not (run_tuning and winners is None):
             break
-        if waiting or plans:
-            time.sleep(10)
+        if not (run_pilot and _pilot(spec, root, console) == "ran"):
+            time.sleep(10)  # nothing this process can run now: another holds the runs it waits for
+    while run_pilot and _pilot(spec, root, console) == "held":
+        time.sleep(10)
     tables = []
     if tuning and (root / tuning["name"] / "results.md").is_file():
         tables.append(f"## {tuning['name']}\n\n{tuning.get('description', '')}\n\n"
@@ -168,6 +172,28 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
+
+
+PILOT_DONE = "pilot.finished"
+
+
+def _pilot(spec: dict, root: Path, console: Console) -> str:
+    """The spec's pilot study (`fedlora analyze sensitivity` with the spec's `pilot.args`, into <out>/pilot):
+    "ran" (by this process, now), "done" (before), "held" (another live process runs it). The command resumes by
+    (seed, group) on its own."""
+    from .cli import main as cli_main
+
+    if (root / PILOT_DONE).is_file():
+        return "done"
+    if not _claim(root / "pilot.claim"):
+        return "held"
+    console.rule("pilot: fedlora analyze sensitivity " + " ".join(spec["pilot"]["args"]))
+    code = cli_main(["analyze", "sensitivity", *map(str, spec["pilot"]["args"]), "--out", str(root / "pilot")])
+    if code != 0:
+        raise UserError(f"study: the pilot study failed (exit {code}); see its error above")
+    res.atomic_write(root / PILOT_DONE, "finished\n")
+    (root / "pilot.claim" / CLAIM).unlink(missing_ok=True)
+    return "ran"
 
 
 def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experiment: str) -> tuple[str, list[str]]:

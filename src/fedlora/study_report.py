@@ -59,6 +59,8 @@ def publish(spec: dict, spec_path: str, root: Path, out: Path, load) -> str:
                 shutil.copyfile(root / name / f, dest / f)
         info = json.loads((dest / "results.json").read_text())
         parts.append(head + f"Seeds {info['seeds']}; overrides {info['sets']}.\n\n" + (dest / "results.md").read_text())
+    if spec.get("pilot"):
+        parts.append(_pilot_section(spec["pilot"], root, out))
     report = "\n".join(parts)
     res.atomic_write(out / "README.md", report)
     return report
@@ -86,3 +88,20 @@ def embed(doc: Path, report: str) -> None:
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     res.atomic_write(doc, f"{head}{BEGIN}\n{report}\n{END}{tail}")
+
+
+def _pilot_section(pilot: dict, root: Path, out: Path) -> str:
+    """The pilot study's summary over seeds once it is finished; before that, how many (seed, group) runs are."""
+    from .study import PILOT_DONE
+
+    head = ("### Pilot study\n\n`fedlora analyze sensitivity " + " ".join(map(str, pilot["args"])) + "`\n\n"
+            + pilot.get("description", "").strip() + "\n\n")
+    src = root / "pilot"
+    if not (root / PILOT_DONE).is_file():
+        done = len(list(src.glob("seed_*/run_*.json"))) if src.is_dir() else 0
+        return head + f"Not finished: {done} (seed, group) runs done.\n"
+    dest = out / "pilot"
+    dest.mkdir(exist_ok=True)
+    for f in ("summary.md", "summary.json"):
+        shutil.copyfile(src / f, dest / f)
+    return head + (dest / "summary.md").read_text()
