@@ -270,7 +270,7 @@ def test_the_pilot_study_is_part_of_the_spec(spec, capsys):
     model = spec / "tiny"
     args = ["--set", f"model.name={model}", "--set", f"data.path={DOLLY}", "--set", "max_length=64",
             "--set", "train.batch_size=2", "--set", "model.threads=1", "--groups", "closed_qa,brainstorming",
-            "--seeds", "0", "--steps", "2", "--every", "1", "--heldout", "2", "--draws", "1"]
+            "--seeds", "0", "--steps", 2, "--every", 1, "--heldout", "2", "--draws", "1"]
     path = spec / "with_pilot.yaml"
     path.write_text((spec / "spec.yaml").read_text() + "pilot:\n  description: tiny\n  args: " + json.dumps(args)
                     + "\n")

@@ -74,7 +74,8 @@ def _fmt(x, digits=4) -> str:
 
 def results_table(rows: list[dict]) -> str:
     """Markdown table; each row: method, global/local loss and ROUGE-L (mean ± std where several seeds)."""
-    head = ("| method | seeds | global loss | global ROUGE-L | local loss | local ROUGE-L | steps/client-round | tokens/client-round | "
+    head = ("| method | seeds | global loss | global ROUGE-L | local loss | local ROUGE-L | steps/client-round | "
+            "tokens/client-round | "
             "up B/client-round | down B/client-round | trainable | communicated | wall s |")
     unseen = any(r.get("unseen_loss") is not None for r in rows)  # Natural Instructions: unseen tasks
     if unseen:
@@ -89,7 +90,8 @@ def results_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r.get('seeds', 1)} | {ms('global_loss')} | {ms('global_rouge_l')} | "
             + (f"{ms('unseen_loss')} | {ms('unseen_rouge_l')} | " if unseen else "") +
-            f"{ms('local_loss')} | {ms('local_rouge_l')} | {_fmt(r.get('steps'), 1)} | {_fmt(r.get('tokens'), 0)} | {r.get('bytes_up', 0):,.0f} | "
+            f"{ms('local_loss')} | {ms('local_rouge_l')} | {_fmt(r.get('steps'), 1)} | {_fmt(r.get('tokens'), 0)} | "
+            f"{r.get('bytes_up', 0):,.0f} | "
             f"{r.get('bytes_down', 0):,.0f} | {r.get('trainable', 0):,} | {r.get('communicated', 0):,} | "
             f"{r.get('wall_time', 0):.1f} |"
         )

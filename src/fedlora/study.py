@@ -187,8 +187,9 @@ def _pilot(spec: dict, root: Path, console: Console) -> str:
         return "done"
     if not _claim(root / "pilot.claim"):
         return "held"
-    console.rule("pilot: fedlora analyze sensitivity " + " ".join(spec["pilot"]["args"]))
-    code = cli_main(["analyze", "sensitivity", *map(str, spec["pilot"]["args"]), "--out", str(root / "pilot")])
+    args = [str(a) for a in spec["pilot"]["args"]]  # YAML reads 300 and 0.1 as numbers
+    console.rule("pilot: fedlora analyze sensitivity " + " ".join(args))
+    code = cli_main(["analyze", "sensitivity", *args, "--out", str(root / "pilot")])
     if code != 0:
         raise UserError(f"study: the pilot study failed (exit {code}); see its error above")
     res.atomic_write(root / PILOT_DONE, "finished\n")

@@ -39,8 +39,7 @@ def publish(spec: dict, spec_path: str, root: Path, out: Path, load) -> str:
         dest.mkdir(exist_ok=True)
         res.atomic_write(dest / "results.md", table)
         res.write_json(dest / "results.json", record)
-        parts.append(_tuning_section(tuning, json.loads((dest / "results.json").read_text()),
-                                     (dest / "results.md").read_text()))
+        parts.append(_tuning_section(tuning, record, table))
     seeds = spec.get("seeds", [0])
     for name, exp in spec["experiments"].items():
         n_methods = len(exp["methods"])

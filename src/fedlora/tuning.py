@@ -8,7 +8,7 @@ The `tuning` block of a study spec (configs/study/fair.yaml):
       set: [eval.split=validation, eval.generate=false]   # tuning-only overrides (never in a winner)
       seed: 0
       objective: [global_loss, local_loss]        # the mean of these on validation; lower is better
-      budget: 9                                   # runs per method; every method must list exactly this many
+      budget: 8                                   # runs per method; every method must list exactly this many
       methods: {fedit: [], fedlora_opt: [method_options.local_lr_mult=1], ...}   # fixed overrides per method
       stages:
         - {name: lr, all: [[train.lr=3.0e-4], [train.lr=1.0e-3], ...]}
