@@ -298,3 +298,66 @@ def test_every_method_spends_the_same_steps_per_client_round(tok, method):
         sim = make_sim(tok, tiny_model(len(tok)), method, "rounds=1", "global_steps=3", "personal_steps=2",
                        "train.equal_steps=false")
         assert sim.run()[-1].steps == 3
+
+
+def test_joint_split_equals_two_adam_optimizers():
+    """split_joint's claim: training g + o as one tensor with lr_g + lr_o, then splitting the change in the ratio
+    of the learning rates, is exactly two Adam optimizers (lr_g on g, lr_o on o) fed the same gradients."""
+    from fedlora.core.protocol import split_joint
+
+    torch.manual_seed(0)
+    target, g0, o0 = torch.randn(6), torch.randn(6), torch.randn(6)
+    lr_g, lr_o = 0.01, 0.07
+    loss = lambda x: ((x - target) ** 2 * torch.arange(1.0, 7.0)).sum()  # noqa: E731
+    g, o = g0.clone().requires_grad_(), o0.clone().requires_grad_()
+    opts = [torch.optim.Adam([g], lr=lr_g), torch.optim.Adam([o], lr=lr_o)]
+    both = (g0 + o0).requires_grad_()
+    one = torch.optim.Adam([both], lr=lr_g + lr_o)
+    for _ in range(7):
+        for opt in opts:
+            opt.zero_grad()
+        loss(g + o).backward()
+        for opt in opts:
+            opt.step()
+        one.zero_grad()
+        loss(both).backward()
+        one.step()
+    key = "model.layers.0.self_attn.q_proj.lora_B.default.parametrizations.weight.original1"  # a B.mag parameter
+    trained, offsets = split_joint({key: both.detach()}, {key: g0}, {key: o0},
+                                   {"B.mag": lr_g / (lr_g + lr_o)})
+    assert torch.allclose(trained[key], g.detach(), atol=1e-6)
+    assert torch.allclose(offsets[key], o.detach(), atol=1e-6)
+    assert not torch.allclose(g.detach(), g0)  # it trained
+
+
+def test_joint_pipeline_trains_global_and_personal_b_mag_in_the_same_steps(tok, base):
+    """pipeline=joint: one phase of E_g + E_l steps; the upload carries B.mag's global part, the offset stays home;
+    the server's B.mag moved by s/(1 - s) times the clients' mean offset (s = the global share of the lr)."""
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "pipeline=joint", "global_steps=3", "personal_steps=2",
+                   "local_lr_mult=3")
+    ups = record_uploads(sim)
+    g0 = {k: v.clone() for k, v in select(sim.server.global_state, {"B.mag"}).items()}
+    rec = sim.run()[-1]
+    assert rec.steps == 5 and rec.local_phase_loss is None  # all steps in one phase
+    assert ups and all(components(u.state) == {"A.dir", "A.mag", "B.dir", "B.mag"} for u in ups)
+    _, share = sim.client.joint_multipliers()
+    s = share["B.mag"]
+    assert s == pytest.approx(1 / 4)  # lr_o = 3 x lr_g (local_lr_mult, personal_lr unset)
+    g = sim.server.global_state
+    p = sim.personal
+    assert {component_of(k) for k in p[0]} == {"B.mag"}
+    key = next(iter(g0))
+    assert torch.count_nonzero(p[0][key]) and not torch.equal(p[0][key], p[1][key])
+    mean_offset = sum(p[c][key] for c in p) / len(p)
+    assert torch.allclose(g[key] - g0[key], s / (1 - s) * mean_offset, atol=1e-6)
+    local = sim.local_state(0)
+    assert torch.allclose(local[key], g[key] + p[0][key])
+
+
+def test_joint_pipeline_needs_an_offset():
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="joint schedule .* personal_mode 'offset'"):
+        small_cfg("method=fedlora_opt", "pipeline=joint", "personal_mode=reset")
+    with pytest.raises(ConfigError, match="share_b_mag"):
+        small_cfg("method=fedlora_opt", "pipeline=joint", "share_b_mag=false")

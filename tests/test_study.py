@@ -170,14 +170,18 @@ def _tuning_spec(spec, budget=3, split="validation"):
         "seeds: [0]\npaired_with: fedit\n"
         "tuning:\n  name: tune\n"
         f"  config: {base}\n  set: [eval.split={split}]\n  seed: 0\n  budget: {budget}\n"
-        "  methods: {fedit: [], fedlora_opt: [method_options.local_lr_mult=1]}\n"
+        "  methods: {fedit: [], fedlora_opt: [method_options.local_lr_mult=1],\n"
+        "            fedlora_joint: {method: fedlora_opt, set: [method_options.local_lr_mult=1, "
+        "method_options.pipeline=joint]}}\n"
         "  stages:\n"
         "    - {name: lr, all: [[train.lr=1.0e-4], [train.lr=3.0e-2]]}\n"
         "    - name: second\n"
-        "      methods: {fedit: [[train.lr=*2]], fedlora_opt: [[train.personal_lr=*10]]}\n"
+        "      methods: {fedit: [[train.lr=*2]], fedlora_opt: [[train.personal_lr=*10]],\n"
+        "                fedlora_joint: [[train.personal_lr=*10]]}\n"
         "experiments:\n"
         f"  test:\n    config: {base}\n    tuned: tune\n"
-        "    methods: [fedit, fedlora_opt, {label: no_local, method: fedlora_opt, set: [train.personal_steps=0]}]\n")
+        "    methods: [fedit, fedlora_opt, {label: no_local, method: fedlora_opt, set: [train.personal_steps=0]},\n"
+        "              {label: fedlora_joint, method: fedlora_opt}]\n")
     return spec / "tuned.yaml"
 
 
@@ -191,7 +195,7 @@ def test_tuning_equal_budget_stages_and_winners_run_on_test(spec, capsys):
     assert main(["study", "--spec", str(path), "--out", str(out), "--set", "threads=1"]) == 0
     tune = json.loads((out / "tune" / "results.json").read_text())
     runs = tune["runs"]
-    assert {m: len(r) for m, r in runs.items()} == {"fedit": 3, "fedlora_opt": 3}  # the budget, every method
+    assert {m: len(r) for m, r in runs.items()} == {"fedit": 3, "fedlora_opt": 3, "fedlora_joint": 3}  # the budget
     for method, winner in tune["winners"].items():
         # the winner is the lowest objective over every run of the method, and stage 2 scaled stage 1's best
         assert winner["objective"] == min(r["objective"] for r in runs[method].values())
@@ -205,11 +209,15 @@ def test_tuning_equal_budget_stages_and_winners_run_on_test(spec, capsys):
         run_cfg = yaml.safe_load((out / "tune" / method / second[0] / "seed_0" / "config.yaml").read_text())
         assert run_cfg["eval"]["split"] == "validation"
     # the test experiment: each method (and the ablation) with its winner's values, on the test split
-    for label, method in (("fedit", "fedit"), ("fedlora_opt", "fedlora_opt"), ("no_local", "fedlora_opt")):
+    # (a second reading, tuned on its own budget, runs with its own winner's values)
+    for label, tuned, pipeline in (("fedit", "fedit", None), ("fedlora_opt", "fedlora_opt", "sequential"),
+                                   ("no_local", "fedlora_opt", "sequential"),
+                                   ("fedlora_joint", "fedlora_joint", "joint")):
         cfg = yaml.safe_load((out / "test" / label / "seed_0" / "config.yaml").read_text())
-        assert cfg["eval"]["split"] == "test" and cfg["method"] == method
-        sets = dict(s.split("=", 1) for s in tune["winners"][method]["sets"])
+        assert cfg["eval"]["split"] == "test" and cfg["method"] == ("fedit" if tuned == "fedit" else "fedlora_opt")
+        sets = dict(s.split("=", 1) for s in tune["winners"][tuned]["sets"])
         assert cfg["train"]["lr"] == pytest.approx(float(sets["train.lr"]))
+        assert pipeline is None or cfg["method_options"]["pipeline"] == pipeline
     assert yaml.safe_load((out / "test" / "no_local" / "seed_0" / "config.yaml").read_text()
                           )["train"]["personal_steps"] == 0
     assert "**winner**" in (out / "summary.md").read_text()
@@ -223,7 +231,7 @@ def test_tuning_equal_budget_stages_and_winners_run_on_test(spec, capsys):
     assert main(["study", "--spec", str(path), "--out", str(out), "--publish", str(pub), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert text.startswith("# Results\n\nhand-written words") and text.endswith(f"{END}\n\nafter\n")
-    assert "old" not in text and "6 of 6 runs finished." in text
+    assert "old" not in text and "9 of 9 runs finished." in text
     assert json.loads((pub / "test" / "results.json").read_text()) == json.loads((out / "test" / "results.json").read_text())
     assert (pub / "test" / "results.md").read_text() in text
     w = json.loads((pub / "tune" / "results.json").read_text())["winners"]["fedit"]

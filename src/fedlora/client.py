@@ -76,9 +76,13 @@ class FedClient:
             batches.append(sample_batches(rows, steps or self.steps_for(len(rows)), t.batch_size, t.grad_accum,
                                           phase_rng(*key), by_length=t.length_buckets))
             anchors.append({k: v for k, v in start.items() if k in shared} if m.loss_terms else None)
-        trained = self._train(starts, batches, m.global_train, t.lr, keys, lockstep, m.loss_terms, anchors)
+        trainable, global_share = self.joint_multipliers()
+        trained = self._train(starts, batches, trainable, t.lr, keys, lockstep, m.loss_terms, anchors)
         out = []
         for (cid, rnd, shared, personal, _, _), (state, stats) in zip(jobs, trained):
+            if global_share and not stats.diverged:  # joint: the global value's part of the change, the offset's
+                state, personal = protocol.split_joint(state, self.full_global_state(shared), personal,
+                                                       global_share)
             upload, new_personal = protocol.after_global_phase(m, state, personal)
             if stats.diverged:  # a NaN loss stops this client's update, not the run
                 upload, new_personal = {}, dict(personal or {})
@@ -91,6 +95,22 @@ class FedClient:
                                    "diverged": stats.diverged})
             out.append(GlobalPhaseResult(update, new_personal, stats))
         return out
+
+    def joint_multipliers(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(lr multipliers of the global phase, relative to train.lr; each joint component's global share).
+
+        A jointly trained component moves with lr_g + lr_o: its global multiplier plus its local one scaled by
+        train.personal_lr / train.lr (the local optimizer's learning rate).
+        """
+        m, t = self.method, self.cfg.train
+        mults = dict(m.global_train)
+        share = {}
+        for c, local in m.joint_personal.items():
+            g = m.global_train.get(c, 0.0)
+            o = local * (t.personal_lr or t.lr) / t.lr
+            mults[c] = g + o
+            share[c] = g / (g + o)
+        return mults, share
 
     def local_phase(self, cid: int, rnd: int, shared: Mapping, personal: Mapping | None,
                     rows: Sequence[Encoded]) -> tuple[State, PhaseStats]:

@@ -198,8 +198,9 @@ def _pilot(spec: dict, root: Path, console: Console) -> str:
 
 
 def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experiment: str) -> tuple[str, list[str]]:
-    """A method entry of a tuned experiment: its method's winning overrides, then the entry's own (an ablation)."""
-    method = extra[0].split("=", 1)[1]
+    """A method entry of a tuned experiment: the winning overrides of the tuning entry named like its label (a
+    second reading, e.g. fedlora_joint), else of its method; then the entry's own (an ablation)."""
+    method = label if label in winners else extra[0].split("=", 1)[1]
     if method not in winners:
         raise ConfigError(f"study spec: experiment '{experiment}' runs {method}, which the tuning does not tune")
     return label, list(winners[method]["sets"]) + extra[1:]

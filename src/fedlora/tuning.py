@@ -10,6 +10,7 @@ The `tuning` block of a study spec (configs/study/fair.yaml):
       objective: [global_loss, local_loss]        # the mean of these on validation; lower is better
       budget: 8                                   # runs per method; every method must list exactly this many
       methods: {fedit: [], fedlora_opt: [method_options.local_lr_mult=1], ...}   # fixed overrides per method
+      # a second reading of one method, tuned on its own budget: {method: fedlora_opt, set: [...]}
       stages:
         - {name: lr, all: [[train.lr=3.0e-4], [train.lr=1.0e-3], ...]}
         - {name: local, methods: {fedit: [[train.lr=*0.5], ...], fedlora_opt: [[train.personal_lr=*10], ...]}}
@@ -45,6 +46,15 @@ class TuningRun:
         return root / self.method / self.label / f"seed_{seed}"
 
 
+def tuned_entry(t: dict, name: str) -> tuple[str, list[str]]:
+    """(method, fixed overrides) of the tuning's entry `name`: a method with a list of overrides, or another name
+    (a second reading of a method, e.g. fedlora_joint) with `{method: M, set: [...]}`."""
+    entry = t["methods"][name]
+    if isinstance(entry, dict):
+        return entry.get("method", name), list(entry.get("set") or [])
+    return name, list(entry or [])
+
+
 def check_tuning(t: dict, where: str) -> None:
     """Equal budgets by construction: one clear line for a spec that gives some method more or fewer runs."""
     for key in ("name", "config", "methods", "stages", "budget"):
@@ -54,6 +64,9 @@ def check_tuning(t: dict, where: str) -> None:
     if split != ["eval.split=validation"]:
         raise ConfigError(f"{where}: tuning must set eval.split=validation (it never looks at the test split)")
     for name in t["methods"]:
+        entry = t["methods"][name]
+        if isinstance(entry, dict) and (set(entry) - {"method", "set"} or not isinstance(entry.get("set", []), list)):
+            raise ConfigError(f"{where}: tuning entry {name!r} must be a list of overrides or {{method: M, set: [...]}}")
         count = 0
         for stage in t["stages"]:
             cands = stage.get("all", (stage.get("methods") or {}).get(name))
@@ -136,9 +149,10 @@ def plan(t: dict, root: Path, load, where: str) -> tuple[list[TuningRun], dict[s
     seed = int(t.get("seed", 0))
     keys = list(t.get("objective", ["global_loss", "local_loss"]))
     todo, winners = [], {}
-    for name, fixed in t["methods"].items():
-        base = {"method": name}
-        base.update(_resolve(list(fixed or []), {}, load, where))
+    for name in t["methods"]:
+        method, fixed = tuned_entry(t, name)
+        base = {"method": method}
+        base.update(_resolve(fixed, {}, load, where))
         best: tuple[float, TuningRun, dict] | None = None
         pending = False
         for stage in t["stages"]:

@@ -269,6 +269,11 @@ class MethodConfig(_Section):
     personal offset that persists across rounds, added to each round's new global B.mag; `reset`: the new global
     B.mag fine-tuned afresh each round; `persist`: a personal value kept from round to round (the only mode
     without a global B.mag, share_b_mag=false). See docs/methods.md."""
+    pipeline: Literal["sequential", "joint"] = "sequential"
+    """fedlora_opt: how the global and the local optimizer share a round's steps. `sequential`: E_g global steps,
+    then E_l local steps of the personal B.mag on the new global adapter. `joint` (needs personal_mode=offset and
+    share_b_mag): one phase of E_g + E_l steps, each step moving the shared components with the global optimizer
+    and the personal B.mag offset with the local one. See docs/methods.md."""
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Per-component learning-rate multipliers, e.g. {"A.mag": 10, "B.mag": 10}."""
     lr_match: bool = True

@@ -8,6 +8,7 @@ A `Method` says, for one round:
   * the local phase: which personal components train after aggregation, starting from the new
     global adapter,
   * how a personal component evolves when it also has a global value (`persist`, `reset`, `offset`),
+  * or, instead of a local phase, personal offsets trained jointly in the global phase (`joint_personal`),
   * extra loss terms (FedProx's proximal term).
 
 Adding a method means adding a builder to `METHODS`; the training loop never looks at the name.
@@ -44,6 +45,10 @@ class Method:
     local_train: Mapping[str, float] = field(default_factory=dict)
     """Components trained in the local phase (all personal) -> learning-rate multiplier."""
     personal_mode: PersonalMode = "persist"
+    joint_personal: Mapping[str, float] = field(default_factory=dict)
+    """Components (shared, with a personal offset) whose offset trains IN the global phase, -> lr multiplier of
+    the local optimizer. One pipeline: each step moves the global value with the global optimizer and the personal
+    offset with the local one (`core.protocol.split_joint`)."""
     loss_terms: tuple[ProximalTerm, ...] = ()
     pooled: bool = False
     """Centralized reference: one trainer on the union of all clients' training data."""
@@ -53,6 +58,16 @@ class Method:
         extra = set(self.local_train) - set(self.personal)
         if extra:
             raise ValueError(f"{self.name}: local phase trains non-personal components {sorted(extra)}")
+        if self.joint_personal:
+            if self.personal_mode != "offset":
+                raise ValueError(f"{self.name}: the joint schedule trains a personal offset; it needs "
+                                 f"personal_mode 'offset', not {self.personal_mode!r}")
+            outside = set(self.joint_personal) - (set(self.personal) & set(self.shared))
+            if outside:
+                raise ValueError(f"{self.name}: the joint schedule needs {sorted(outside)} both shared and personal "
+                                 "(e.g. method_options.share_b_mag=true)")
+            if self.local_train:
+                raise ValueError(f"{self.name}: the joint schedule has no local phase")
         if self.personal_mode != "persist":
             not_global = set(self.personal) - set(self.shared)
             if not_global:
@@ -98,7 +113,13 @@ def lora_matched_multipliers(rank: int) -> dict[str, float]:
 
 
 def fedlora_opt(opts, rank: int = 8) -> Method:
-    """The paper's method: A's direction (and the rest of the adapter) shared; B's magnitude personal."""
+    """The paper's method: A's direction (and the rest of the adapter) shared; B's magnitude personal.
+
+    `pipeline`: `sequential` runs the global phase (E_g steps), then the local phase of the personal B.mag (E_l
+    steps) on the new global adapter. `joint` runs ONE phase of E_g + E_l steps in which the global optimizer
+    moves the shared components and the local optimizer moves the personal B.mag offset, both from the same
+    forward pass (B.mag = global + offset), so every step serves both the global and the personal model.
+    """
     defaults = lora_matched_multipliers(rank) if opts.lr_match else {}
     opts_mult = {**defaults, **opts.lr_mult}
 
@@ -113,16 +134,20 @@ def fedlora_opt(opts, rank: int = 8) -> Method:
         shared.add("B.mag")
     local = ["B.mag"] + (["B.dir"] if opts.local_train_b_dir else [])
     personal = set(local) | (set() if opts.share_b_dir else {"B.dir"})
+    local_mults = {c: m * opts.local_lr_mult for c, m in _m(local).items()}
+    joint = opts.pipeline == "joint"
     return Method(
         name="fedlora_opt",
         adapter="magdir",
         global_train=_m(global_comps),
         shared=frozenset(shared),
         personal=frozenset(personal),
-        local_train={c: m * opts.local_lr_mult for c, m in _m(local).items()},
+        local_train={} if joint else local_mults,
+        joint_personal=local_mults if joint else {},
         personal_mode=opts.personal_mode,
-        summary="magnitude/direction LoRA; global phase trains the decomposed adapter and shares A (and B.dir); "
-        "local phase trains the personal B.mag, which never leaves the client",
+        summary="magnitude/direction LoRA; the global optimizer trains the decomposed adapter and shares A (and "
+        "B.dir); " + ("in the same steps, the local optimizer trains a personal B.mag offset" if joint else
+                      "a local phase trains the personal B.mag") + ", which never leaves the client",
     )
 
 
