@@ -136,7 +136,7 @@ def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_p
     two = spec / "two.yaml"
     two.write_text(
         "seeds: [0]\nexperiments:\n"
-        f"  first:\n    config: {spec / 'base.yaml'}\n    methods: [fedit]\n"
+        f"  first:\n    config: {spec / 'base.yaml'}\n    methods: [fedit, ffa]\n"
         f"  second:\n    config: {spec / 'base.yaml'}\n    methods: [fedsa]\n")
     out = tmp_path / "held"
     held = out / "first" / "fedit" / "seed_0"
@@ -154,12 +154,24 @@ def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_p
             time.sleep(0.5)
         assert second.is_file(), "the second experiment waited for the first one's held run"
         assert not (held / "results.json").exists() and worker.is_alive()
+        # meanwhile the first experiment's finished method is tabled, marked partial, and published as such
+        partial = json.loads((out / "first" / "partial.json").read_text())
+        assert partial["methods_finished"] == ["ffa"] and partial["methods"] == ["fedit", "ffa"]
+        assert not (out / "first" / "results.json").exists()
+        pub = tmp_path / "pub"
+        assert main(["study", "--spec", str(two), "--out", str(out), "--publish", str(pub)]) == 0
+        report = (pub / "README.md").read_text()
+        assert "Not finished: 1 of 2 runs" in report and "PARTIAL" in report and "still running: fedit" in report
+        assert (pub / "first" / "partial.md").read_text() in report
     finally:
         holder.kill()
         holder.wait()
     worker.join(timeout=300)
     assert result.get("rc") == 0
     assert (held / "results.json").is_file() and (out / "first" / "results.md").is_file()
+    assert not (out / "first" / "partial.json").exists()  # the whole table replaces the partial one
+    assert main(["study", "--spec", str(two), "--out", str(out), "--publish", str(pub)]) == 0
+    assert "PARTIAL" not in (pub / "README.md").read_text() and not (pub / "first" / "partial.md").exists()
 
 
 def _tuning_spec(spec, budget=3, split="validation"):

@@ -148,6 +148,9 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                                            sets + extra + [f"seed={seed}"], f"{name}: {label} (seed {seed})")]
             if left:
                 pending.append(plan_)
+                complete = [(label, extra) for label, extra in entries if all(
+                    (root / name / label / f"seed_{seed}" / "results.json").is_file() for seed in seeds)]
+                _write_experiment_tables(root, name, exp, spec, sets, seeds, complete, partial=True)
                 console.print(f"[dim]{name}: waiting for {len(left)} run(s) of another process "
                               f"({', '.join(f'{l}/seed_{s}' for l, s in left[:3])}{' ...' if len(left) > 3 else ''})")
             else:
@@ -206,11 +209,19 @@ def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experim
     return label, list(winners[method]["sets"]) + extra[1:]
 
 
+PARTIAL = "partial"
+"""Prefix of an unfinished experiment's tables (partial.md / partial.json): only its methods with every seed
+finished, so every number is complete for the methods it shows."""
+
+
 def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets: list[str], seeds: list[int],
-                             entries: list[tuple[str, list[str]]]) -> None:
-    """results.md / results.json / plots of one experiment from its runs' results files."""
+                             entries: list[tuple[str, list[str]]], partial: bool = False) -> None:
+    """results.md / results.json / plots of one experiment from its runs' results files; with `partial`, of the
+    methods (`entries`) whose runs are all finished so far, into partial.md / partial.json (no plots)."""
     from .cli import _aggregate_rows
 
+    if partial and not entries:
+        return
     rows, histories, by_label = [], {}, {}
     for label, _ in entries:
         per_seed = [json.loads((root / name / label / f"seed_{seed}" / "results.json").read_text())["summary"]
@@ -230,10 +241,17 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
         table += "\n" + paired_table(paired, ref, len(seeds))
     # the first reference under "paired" (the format of earlier studies), any further ones under "paired_also"
     first = next(iter(paired_by_ref), None)
-    res.write_json(root / name / "results.json", {
-        "rows": rows, "seeds": seeds, "sets": sets, "paired_with": first,
-        "paired": paired_by_ref.get(first), "paired_also": {r: p for r, p in paired_by_ref.items() if r != first}})
+    record = {"rows": rows, "seeds": seeds, "sets": sets, "paired_with": first, "paired": paired_by_ref.get(first),
+              "paired_also": {r: p for r, p in paired_by_ref.items() if r != first}}
+    if partial:
+        res.write_json(root / name / f"{PARTIAL}.json", {**record, "methods_finished": list(by_label),
+                                                         "methods": [_method_entry(e)[0] for e in exp["methods"]]})
+        res.atomic_write(root / name / f"{PARTIAL}.md", table)
+        return
+    res.write_json(root / name / "results.json", record)
     (root / name / "results.md").write_text(table)
+    for suffix in (".json", ".md"):
+        (root / name / f"{PARTIAL}{suffix}").unlink(missing_ok=True)
     res.plot_curves(histories, root / name / "curves.png")
     res.plot_per_client(rows, root / name / "per_client_local.png", seeds)
 
