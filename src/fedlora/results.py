@@ -131,6 +131,11 @@ def privacy_line(p: dict) -> str:
 
 
 BASE_LABEL = "base model"
+PILOT_DONE = "pilot.finished"
+"""A study's marker file: its pilot study is finished."""
+PARTIAL = "partial"
+"""Name of an unfinished study experiment's tables (partial.md / partial.json): only its methods whose seeds are
+all finished, so every number is complete for the methods it shows."""
 _PANELS = {(0, 0): ("global", "loss"), (0, 1): ("local", "loss"), (1, 0): ("global", "rouge_l"),
            (1, 1): ("local", "rouge_l")}
 

@@ -177,16 +177,13 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     return root
 
 
-PILOT_DONE = "pilot.finished"
-
-
 def _pilot(spec: dict, root: Path, console: Console) -> str:
     """The spec's pilot study (`fedlora analyze sensitivity` with the spec's `pilot.args`, into <out>/pilot):
     "ran" (by this process, now), "done" (before), "held" (another live process runs it). The command resumes by
     (seed, group) on its own."""
     from .cli import main as cli_main
 
-    if (root / PILOT_DONE).is_file():
+    if (root / res.PILOT_DONE).is_file():
         return "done"
     if not _claim(root / "pilot.claim"):
         return "held"
@@ -195,7 +192,7 @@ def _pilot(spec: dict, root: Path, console: Console) -> str:
     code = cli_main(["analyze", "sensitivity", *args, "--out", str(root / "pilot")])
     if code != 0:
         raise UserError(f"study: the pilot study failed (exit {code}); see its error above")
-    res.atomic_write(root / PILOT_DONE, "finished\n")
+    res.atomic_write(root / res.PILOT_DONE, "finished\n")
     (root / "pilot.claim" / CLAIM).unlink(missing_ok=True)
     return "ran"
 
@@ -207,11 +204,6 @@ def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experim
     if method not in winners:
         raise ConfigError(f"study spec: experiment '{experiment}' runs {method}, which the tuning does not tune")
     return label, list(winners[method]["sets"]) + extra[1:]
-
-
-PARTIAL = "partial"
-"""Prefix of an unfinished experiment's tables (partial.md / partial.json): only its methods with every seed
-finished, so every number is complete for the methods it shows."""
 
 
 def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets: list[str], seeds: list[int],
@@ -244,14 +236,14 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
     record = {"rows": rows, "seeds": seeds, "sets": sets, "paired_with": first, "paired": paired_by_ref.get(first),
               "paired_also": {r: p for r, p in paired_by_ref.items() if r != first}}
     if partial:
-        res.write_json(root / name / f"{PARTIAL}.json", {**record, "methods_finished": list(by_label),
+        res.write_json(root / name / f"{res.PARTIAL}.json", {**record, "methods_finished": list(by_label),
                                                          "methods": [_method_entry(e)[0] for e in exp["methods"]]})
-        res.atomic_write(root / name / f"{PARTIAL}.md", table)
+        res.atomic_write(root / name / f"{res.PARTIAL}.md", table)
         return
     res.write_json(root / name / "results.json", record)
     (root / name / "results.md").write_text(table)
     for suffix in (".json", ".md"):
-        (root / name / f"{PARTIAL}{suffix}").unlink(missing_ok=True)
+        (root / name / f"{res.PARTIAL}{suffix}").unlink(missing_ok=True)
     res.plot_curves(histories, root / name / "curves.png")
     res.plot_per_client(rows, root / name / "per_client_local.png", seeds)
 
