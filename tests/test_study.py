@@ -103,6 +103,27 @@ def test_run_claims_between_processes(tmp_path):
     assert (run / CLAIM).read_text() == str(os.getpid())
 
 
+def test_a_study_directory_under_git_keeps_only_its_records(tmp_path):
+    """Committing a study's --out commits the records a clean checkout resumes from, not checkpoints or claims."""
+    import subprocess
+
+    from fedlora.study import CLAIM, keep_records_only
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    root = tmp_path / "study"
+    run = root / "exp" / "fedit" / "seed_0"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("results.json", "metrics.jsonl", "config.yaml", CLAIM, "checkpoints/round_1.pt", "adapter.bin"):
+        (run / name).write_text("x")
+    (root / "exp" / "results.md").write_text("x")
+    keep_records_only(root)
+    tracked = subprocess.run(["git", "-C", str(tmp_path), "ls-files", "--others", "--exclude-standard"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(tracked) == ["study/.gitignore", "study/exp/fedit/seed_0/config.yaml",
+                               "study/exp/fedit/seed_0/metrics.jsonl", "study/exp/fedit/seed_0/results.json",
+                               "study/exp/results.md"]
+
+
 def test_two_processes_share_one_study(spec, tmp_path):
     """Two `fedlora study` processes on one spec: every run is done exactly once, both finish with the tables."""
     import subprocess

@@ -62,6 +62,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
             raise ConfigError(f"--only: no experiment {unknown[0]!r} in {spec_path}; it has {', '.join(names)}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    keep_records_only(root)
     quick_sets = list(spec.get("quick", [])) if quick else []
     session = None
     plans = []
@@ -249,6 +250,36 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
 
 
 CLAIM = ".claimed"
+
+RECORDS_GITIGNORE = """\
+# Written by `fedlora study`. Under git, this directory keeps only the small records its tables are built from:
+# a clean checkout then resumes the study where the committed records end. Checkpoints, adapters, snapshots and
+# claims stay out.
+*
+!*/
+!.gitignore
+!results.json
+!results.md
+!metrics.jsonl
+!config.yaml
+!partial.json
+!partial.md
+!summary.md
+!summary.json
+!records.json
+!pilot.json
+!*.png
+!pilot.finished
+checkpoints/
+"""
+
+
+def keep_records_only(root: Path) -> None:
+    """Write <root>/.gitignore (once; a user's own is kept) so that committing a study's --out directory commits
+    its records and nothing heavy. Outside a git work tree, or where runs/ is ignored, it changes nothing."""
+    path = root / ".gitignore"
+    if not path.exists():
+        res.atomic_write(path, RECORDS_GITIGNORE)
 
 
 def _claim(run_dir: Path) -> bool:
