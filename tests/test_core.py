@@ -73,7 +73,8 @@ def test_component_names_and_split_join_roundtrip():
 
 
 def test_policies_declare_what_they_share():
-    o = MethodConfig(share_b_mag=False, personal_mode="persist")  # explicit: not the defaults' business
+    # explicit: not the defaults' business
+    o = MethodConfig(share_b_mag=False, personal_mode="persist", pipeline="sequential")
     opt = build_method("fedlora_opt", o)
     assert "B.mag" not in opt.shared and "B.mag" in opt.personal and set(opt.local_train) == {"B.mag"}
     assert "A.dir" in opt.shared
@@ -81,4 +82,4 @@ def test_policies_declare_what_they_share():
     assert build_method("ffa", o).frozen == {"A"}
     with pytest.raises(ValueError, match="needs a global value"):
         build_method("fedlora_opt", MethodConfig(personal_mode="reset", share_b_mag=False))
-    assert build_method("fedlora_opt", MethodConfig(personal_mode="reset", share_b_mag=True)).personal_mode == "reset"
+    assert build_method("fedlora_opt", MethodConfig(personal_mode="reset", pipeline="sequential")).personal_mode == "reset"

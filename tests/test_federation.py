@@ -61,7 +61,8 @@ def test_clients_with_their_own_data_and_a_server_with_none(tiny_dir, site_files
 
     out, state = tmp_path / "flower", tmp_path / "node-state"
     # the server's data.path does not exist: it must read no client data
-    cfg = config("fedlora_opt", tiny_dir, tmp_path / "nowhere.jsonl", out, "eval.every=1", "output.checkpoint_every=1")
+    cfg = config("fedlora_opt", tiny_dir, tmp_path / "nowhere.jsonl", out, "eval.every=1", "output.checkpoint_every=1",
+                 "method_options.pipeline=sequential")  # the node copies a local phase's personal state too
     names = {200: "site-c", 201: "site-a", 202: "site-b"}  # ids come from the names' order: a=0, b=1, c=2
     nodes = {n: {"data-path": str(site_files[i]), "client-name": names[n], "state-dir": str(state)}
              for i, n in enumerate(names)}

@@ -377,18 +377,27 @@ def make_message(kind: str, content, rnd: int = 1):
     return Message(content=content, metadata=meta)
 
 
-def test_client_app_in_process_keeps_personal_state_on_disk(assets, reference, tmp_path):
-    """The ClientApp's handler called directly: same numbers as the simulator, B.mag only in the node's state
-    directory, and the upload does not depend on the personal state (nothing personal leaves the node, even by
-    value)."""
+def test_client_app_in_process_keeps_personal_state_on_disk(assets, tmp_path):
+    """The ClientApp's handler called directly, with the sequential pipeline (a global, then a local phase): same
+    numbers as the simulator, B.mag only in the node's state directory, and the upload does not depend on the
+    personal state (nothing personal leaves the node, even by value)."""
+    import dataclasses
+
     from flwr.app import ConfigRecord, Context, RecordDict
+    from rich.console import Console
 
     from fedlora.core.components import select
     from fedlora.flower import client_app, messages as M
     from fedlora.personal import DiskPersonalStore
+    from fedlora.runner import Session
+    from fedlora.simulation import Simulation
 
-    cfg, sim = assets["cfg"], reference
+    cfg = assets["cfg"]
+    cfg = dataclasses.replace(cfg, method_options=dataclasses.replace(cfg.method_options, pipeline="sequential"))
     threads = torch.get_num_threads()
+    session = Session(cfg, Console(quiet=True))
+    data, model = session.data(cfg), session.base_model  # they load the tokenizer
+    sim = Simulation(cfg, session.tokenizer, model, data, log=lambda m: None)
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3,
                                                     "state-dir": str(tmp_path)}, state=RecordDict(), run_config={})
     initial = select(sim.am.init_state, sim.method.shared)  # what a fresh server sends in round 1

@@ -28,7 +28,8 @@ def max_diff(a, b):
 
 @pytest.mark.parametrize(
     "method,options",
-    [("fedit", ()), ("fedlora_opt", ()), ("fedlora_opt", ("share_b_dir=false", "method_options.personal_mode=persist")),
+    [("fedit", ()), ("fedlora_opt", ()), ("fedlora_opt", ("method_options.pipeline=sequential",)),
+     ("fedlora_opt", ("share_b_dir=false", "method_options.personal_mode=persist", "method_options.pipeline=sequential")),
      ("fedsa", ())],
 )
 def test_lockstep_rounds_equal_sequential_rounds(tok, method, options):

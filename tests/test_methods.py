@@ -86,7 +86,8 @@ def test_fedlora_opt_default_has_a_global_b_mag_and_a_personal_offset(tok, base)
 
 
 def test_fedlora_opt_reset_mode_restarts_from_the_global_b_mag(tok, base):
-    sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "personal_mode=reset", "personal_steps=0")
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "personal_mode=reset", "pipeline=sequential",
+                   "personal_steps=0")
     sim.run()
     # no local steps: the local model is exactly the global model
     assert all(torch.equal(sim.local_state(0)[k], v) for k, v in sim.server.global_state.items())
@@ -94,7 +95,8 @@ def test_fedlora_opt_reset_mode_restarts_from_the_global_b_mag(tok, base):
 
 def test_fedlora_opt_without_global_b_mag_keeps_it_personal(tok, base):
     """share_b_mag=false, personal_mode=persist: B.mag never travels; the global model has B.mag = 0 (the base)."""
-    sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "share_b_mag=false", "personal_mode=persist")
+    sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "share_b_mag=false", "personal_mode=persist",
+                   "pipeline=sequential")
     ups = record_uploads(sim)
     sim.run()
     assert all(torch.count_nonzero(v) == 0 for v in select(sim.server.global_state, {"B.mag"}).values())
@@ -134,7 +136,7 @@ def test_fedlora_opt_without_global_b_mag_keeps_it_personal(tok, base):
 
 def test_fedlora_opt_with_b_dir_kept_home_uploads_only_a(tok, base):
     sim = make_sim(tok, base, "fedlora_opt", "rounds=2", "share_b_dir=false", "share_b_mag=false",
-                   "personal_mode=persist")
+                   "personal_mode=persist", "pipeline=sequential")
     ups = record_uploads(sim)
     sim.run()
     assert ups and all(components(u.state) == {"A.dir", "A.mag"} for u in ups)
@@ -280,8 +282,8 @@ def test_local_lr_mult_scales_only_the_local_phase():
     from fedlora.config import MethodConfig
     from fedlora.core.methods import METHODS
 
-    one = METHODS["fedlora_opt"](MethodConfig(local_lr_mult=1.0))
-    ten = METHODS["fedlora_opt"](MethodConfig(local_lr_mult=10.0))
+    one = METHODS["fedlora_opt"](MethodConfig(local_lr_mult=1.0, pipeline="sequential"))
+    ten = METHODS["fedlora_opt"](MethodConfig(local_lr_mult=10.0, pipeline="sequential"))
     assert ten.global_train == one.global_train
     assert set(ten.local_train) == set(one.local_train) == {"B.mag"}
     assert ten.local_train["B.mag"] == pytest.approx(10.0 * one.local_train["B.mag"])

@@ -26,14 +26,15 @@ PHASE_LINE = re.compile(r"^round (\d+) client (\d+) (global|local) phase: (\d+) 
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, tiny_dir):
-    """A 2-round, 3-client fedlora_opt run of the tiny model, its stdout and stderr as a log file gets them."""
+    """A 2-round, 3-client fedlora_opt run (sequential pipeline) of the tiny model, its stdout and stderr as a log
+    file gets them."""
     from conftest import DOLLY
 
     out = tmp_path_factory.mktemp("output") / "run"
     sets = [f"model.name={tiny_dir}", f"data.path={DOLLY}", "max_rows=200", "clients=3", "rounds=2",
             "global_steps=2", "personal_steps=1", "train.batch_size=2", "max_length=64", "max_examples_per_client=2",
             "max_global_examples=4", "max_gen_examples=0", "global_test_per_label=2", "output.plots=false",
-            "model.threads=1"]
+            "model.threads=1", "method_options.pipeline=sequential"]  # a global and a local phase
     threads = torch.get_num_threads()
     capture = pytest.MonkeyPatch()
     stdout, stderr = io.StringIO(), io.StringIO()

@@ -58,16 +58,6 @@ class Method:
         extra = set(self.local_train) - set(self.personal)
         if extra:
             raise ValueError(f"{self.name}: local phase trains non-personal components {sorted(extra)}")
-        if self.joint_personal:
-            if self.personal_mode != "offset":
-                raise ValueError(f"{self.name}: the joint schedule trains a personal offset; it needs "
-                                 f"personal_mode 'offset', not {self.personal_mode!r}")
-            outside = set(self.joint_personal) - (set(self.personal) & set(self.shared))
-            if outside:
-                raise ValueError(f"{self.name}: the joint schedule needs {sorted(outside)} both shared and personal "
-                                 "(e.g. method_options.share_b_mag=true)")
-            if self.local_train:
-                raise ValueError(f"{self.name}: the joint schedule has no local phase")
         if self.personal_mode != "persist":
             not_global = set(self.personal) - set(self.shared)
             if not_global:
@@ -75,6 +65,17 @@ class Method:
                     f"{self.name}: personal_mode {self.personal_mode!r} needs a global value for "
                     f"{sorted(not_global)}; share it (e.g. method_options.share_b_mag=true) or use 'persist'"
                 )
+        if self.joint_personal:
+            if self.personal_mode != "offset":
+                raise ValueError(f"{self.name}: the joint schedule trains a personal offset; it needs "
+                                 f"personal_mode 'offset', not {self.personal_mode!r} (or set method_options.pipeline"
+                                 "=sequential)")
+            outside = set(self.joint_personal) - (set(self.personal) & set(self.shared))
+            if outside:
+                raise ValueError(f"{self.name}: the joint schedule needs {sorted(outside)} both shared and personal "
+                                 "(e.g. method_options.share_b_mag=true), or method_options.pipeline=sequential")
+            if self.local_train:
+                raise ValueError(f"{self.name}: the joint schedule has no local phase")
 
     @property
     def has_local_phase(self) -> bool:
