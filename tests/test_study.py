@@ -203,7 +203,7 @@ def _tuning_spec(spec, budget=3, split="validation"):
         "seeds: [0]\npaired_with: fedit\n"
         "tuning:\n  name: tune\n"
         f"  config: {base}\n  set: [eval.split={split}]\n  seed: 0\n  budget: {budget}\n"
-        "  methods: {fedit: [], fedlora_opt: [method_options.local_lr_mult=1],\n"
+        "  methods: {fedit: [], fedlora_opt: [method_options.local_lr_mult=1, method_options.pipeline=sequential],\n"
         "            fedlora_joint: {method: fedlora_opt, set: [method_options.local_lr_mult=1, "
         "method_options.pipeline=joint]}}\n"
         "  stages:\n"
@@ -283,6 +283,19 @@ def test_tuning_refuses_unequal_budgets_and_the_test_split(spec, capsys):
         f"error: study spec {spec / 'tuned.yaml'}: tuning gives fedit 3 runs; the budget is 4 for every method")
     assert main(["study", "--spec", str(_tuning_spec(spec, split="test")), "--out", str(spec / "o")]) == 2
     assert "tuning must set eval.split=validation" in capsys.readouterr().err
+    # an entry that cannot build with its tuning entry's fixed overrides fails before anything runs
+    path = _tuning_spec(spec)
+    path.write_text(path.read_text().replace(
+        "{label: fedlora_joint, method: fedlora_opt}]",
+        "{label: fedlora_joint, method: fedlora_opt},\n              "
+        "{label: bad, method: fedlora_opt,\n"
+        "               set: [method_options.pipeline=joint, method_options.personal_mode=persist]}]").replace(
+        "{label: no_local,", "{label: fine, method: fedlora_opt, set: [method_options.personal_mode=reset]},\n"
+        "              {label: no_local,"))
+    assert main(["study", "--spec", str(path), "--out", str(spec / "o2")]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"error: study spec {path}: experiment 'test', bad: method_options: fedlora_opt: ")
+    assert not (spec / "o2" / "tune").exists()
 
 
 def test_paired_confidence_interval_is_the_t_interval():

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from . import results as res
 from .errors import ConfigError, UserError
-from .tuning import check_tuning, plan, tuning_table
+from .tuning import check_tuning, plan, tuned_entry, tuning_table
 
 
 def load_spec(path: str) -> dict:
@@ -81,6 +81,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
             raise ConfigError(f"study spec {spec_path}: experiment '{name}' is tuned by '{exp['tuned']}', which is "
                               "not the spec's tuning")
         plans.append((name, exp, sets, seeds, [_method_entry(e) for e in exp["methods"]]))
+    _check_entries(plans, tuning, spec_path)
     tune_sets = list((tuning or {}).get("set", [])) + quick_sets + list(overrides or [])
     run_tuning = bool(tuning) and (not only or tuning["name"] in only or any(p[1].get("tuned") for p in plans))
     if run_tuning:
@@ -196,6 +197,25 @@ def _pilot(spec: dict, root: Path, console: Console) -> str:
     res.atomic_write(root / res.PILOT_DONE, "finished\n")
     (root / "pilot.claim" / CLAIM).unlink(missing_ok=True)
     return "ran"
+
+
+def _check_entries(plans: list, tuning: dict | None, spec_path: str) -> None:
+    """Every method entry of every experiment builds a valid config, a tuned one with its tuning entry's fixed
+    overrides (the winner's learning rates cannot make a config invalid): a bad ablation fails now, with one line,
+    not hours into the study."""
+    from .config import load_config
+
+    for name, exp, sets, _, entries in plans:
+        for label, extra in entries:
+            fixed: list[str] = []
+            if exp.get("tuned") and tuning:
+                key = label if label in tuning["methods"] else extra[0].split("=", 1)[1]
+                if key in tuning["methods"]:
+                    fixed = tuned_entry(tuning, key)[1]
+            try:
+                load_config(exp["config"], sets + extra[:1] + fixed + extra[1:])
+            except ConfigError as e:
+                raise ConfigError(f"study spec {spec_path}: experiment '{name}', {label}: {e}") from None
 
 
 def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experiment: str) -> tuple[str, list[str]]:
