@@ -7,7 +7,7 @@ from conftest import DOLLY
 from tiny import tiny_model, tiny_tokenizer
 
 from fedlora.cli import main
-from fedlora.study import paired_differences
+from fedlora.paired import paired_differences
 
 
 @pytest.fixture
@@ -299,7 +299,7 @@ def test_tuning_refuses_unequal_budgets_and_the_test_split(spec, capsys):
 
 
 def test_paired_confidence_interval_is_the_t_interval():
-    from fedlora.study import confidence_interval
+    from fedlora.paired import confidence_interval
 
     # n = 5, mean 0.1, sample sd 0.1: t_{0.975, 4} = 2.776445 -> half width 0.124166
     diffs = [0.0, 0.05, 0.1, 0.15, 0.25]

@@ -14,7 +14,6 @@ experiment of the spec, whichever process wrote it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from rich.console import Console
 
 from . import results as res
 from .errors import ConfigError, UserError
+from .paired import paired_differences, paired_table
 from .tuning import check_tuning, plan, tuned_entry, tuning_table
 
 
@@ -115,18 +115,25 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         troot = root / tuning["name"]
         seed = int(tuning.get("seed", 0))
         load = lambda extra: load_config(tuning["config"], tune_sets + extra)  # noqa: E731
-        while True:
+        def write_table() -> tuple[list, dict]:
             todo, winners = plan(tuning, troot, load, spec_path)
             table, record = tuning_table(tuning, troot, winners)  # also while unfinished: the runs so far
             troot.mkdir(parents=True, exist_ok=True)
             res.atomic_write(troot / "results.md", table)
             res.write_json(troot / "results.json", record)
+            return todo, winners
+
+        while True:
+            todo, winners = write_table()
             if not todo:
                 return winners, False
-            ran = [finished_or_run(run.run_dir(troot, seed), tuning["config"],
-                                   tune_sets + list(run.sets) + [f"seed={seed}"],
-                                   f"{tuning['name']}: {run.method} {run.stage} {run.label} (seed {seed})")
-                   for run in todo]
+            ran = []
+            for run in todo:
+                ran.append(finished_or_run(run.run_dir(troot, seed), tuning["config"],
+                                           tune_sets + list(run.sets) + [f"seed={seed}"],
+                                           f"{tuning['name']}: {run.method} {run.stage} {run.label} (seed {seed})"))
+                if ran[-1]:
+                    write_table()  # the table is current after every run
             if not any(ran):
                 return None, True
 
@@ -334,75 +341,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-PAIRED_METRICS = (("global_loss", -1), ("local_loss", -1), ("global_rouge_l", 1), ("local_rouge_l", 1))
-
-
-def confidence_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Student-t interval of the mean paired difference: mean ± t_{(1+level)/2, n-1} · s / √n (s with n − 1).
-
-    None for fewer than 2 seeds (no spread to estimate).
-    """
-    import numpy as np
-    from scipy import stats
-
-    n = len(diffs)
-    if n < 2:
-        return None
-    mean, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return mean - half, mean + half
-
-
-def paired_differences(by_label: dict[str, dict[int, dict]], reference: str) -> dict:
-    """Per method: the per-seed difference to `reference` (same seed: same partition and test sets) of each
-    metric, its mean, std and 95 % confidence interval over seeds, and on how many seeds the method was better
-    (lower loss, higher ROUGE-L).
-
-    Seeds change the partition and the test sets, which moves every method's numbers together; the paired
-    difference removes that shared part, so it is the fair way to tell a method's effect from the seed spread.
-    """
-    import numpy as np
-
-    out = {}
-    ref = by_label[reference]
-    for label, runs in by_label.items():
-        if label == reference:
-            continue
-        entry = {}
-        for key, sign in PAIRED_METRICS:
-            diffs = [runs[s][key] - ref[s][key] for s in runs
-                     if s in ref and runs[s].get(key) is not None and ref[s].get(key) is not None]
-            if diffs:
-                ci = confidence_interval(diffs)
-                entry[key] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "seeds": len(diffs),
-                              "better": sum(1 for d in diffs if sign * d > 0), "per_seed": diffs,
-                              "ci95": list(ci) if ci else None,
-                              "significant": bool(ci and (ci[0] > 0 or ci[1] < 0))}
-        out[label] = entry
-    return out
-
-
-def paired_table(paired: dict, reference: str, n_seeds: int) -> str:
-    head = (f"Paired by seed against {reference} (method − {reference}: mean [95 % confidence interval] over seeds, "
-            f"and on how many seeds the method was better; n.s. = the interval contains 0):\n\n"
-            f"| method | global loss | local loss | global ROUGE-L | local ROUGE-L |\n|---|---|---|---|---|\n")
-    lines = []
-    for label, entry in paired.items():
-        cells = []
-        for key, _ in PAIRED_METRICS:
-            e = entry.get(key)
-            if e is None:
-                cells.append("–")
-            elif e.get("ci95"):
-                lo, hi = e["ci95"]
-                cells.append(f"{e['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({e['better']}/{e['seeds']})"
-                             + ("" if e["significant"] else " n.s."))
-            else:
-                cells.append(f"{e['mean']:+.4f} ({e['better']}/{e['seeds']})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
 
 
 def _method_entry(entry) -> tuple[str, list[str]]:
