@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import UserError
@@ -24,13 +25,19 @@ def _versions() -> dict:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file, fsync, rename: a reader never sees a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary file, fsync, rename: a reader never sees a torn file. The temporary name is unique,
+    so two processes writing the same file (two `fedlora study` processes) do not take each other's."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # what open() would give (mkstemp's is 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def check_run_dir(path: str | Path, overwrite: bool) -> Path:
