@@ -216,7 +216,7 @@ def _check_entries(plans: list, tuning: dict | None, spec_path: str) -> None:
         for label, extra in entries:
             fixed: list[str] = []
             if exp.get("tuned") and tuning:
-                key = label if label in tuning["methods"] else extra[0].split("=", 1)[1]
+                key = _tuning_key(label, extra, tuning["methods"])
                 if key in tuning["methods"]:
                     fixed = tuned_entry(tuning, key)[1]
             try:
@@ -225,10 +225,16 @@ def _check_entries(plans: list, tuning: dict | None, spec_path: str) -> None:
                 raise ConfigError(f"study spec {spec_path}: experiment '{name}', {label}: {e}") from None
 
 
+def _tuning_key(label: str, extra: list[str], names) -> str:
+    """The tuning entry an experiment's method entry takes its values from: the one named like its label (a second
+    reading, e.g. fedlora_joint), else its method's (extra[0] is `method=...`)."""
+    return label if label in names else extra[0].split("=", 1)[1]
+
+
 def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experiment: str) -> tuple[str, list[str]]:
     """A method entry of a tuned experiment: the winning overrides of the tuning entry named like its label (a
     second reading, e.g. fedlora_joint), else of its method; then the entry's own (an ablation)."""
-    method = label if label in winners else extra[0].split("=", 1)[1]
+    method = _tuning_key(label, extra, winners)
     if method not in winners:
         raise ConfigError(f"study spec: experiment '{experiment}' runs {method}, which the tuning does not tune")
     return label, list(winners[method]["sets"]) + extra[1:]

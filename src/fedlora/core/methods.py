@@ -63,7 +63,7 @@ class Method:
             if not_global:
                 raise ValueError(
                     f"{self.name}: personal_mode {self.personal_mode!r} needs a global value for "
-                    f"{sorted(not_global)}; share it (e.g. method_options.share_b_mag=true) or use 'persist'"
+                    f"{sorted(not_global)}; share it (method_options.share_b_mag / share_b_dir=true) or use 'persist'"
                 )
         if self.joint_personal:
             if self.personal_mode != "offset":
