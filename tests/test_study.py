@@ -116,12 +116,16 @@ def test_a_study_directory_under_git_keeps_only_its_records(tmp_path):
     for name in ("results.json", "metrics.jsonl", "config.yaml", CLAIM, "checkpoints/round_1.pt", "adapter.bin"):
         (run / name).write_text("x")
     (root / "exp" / "results.md").write_text("x")
+    (root / "pilot" / "seed_0").mkdir(parents=True)
+    for name in ("run_closed_qa.json", "snapshots_closed_qa.pt", "summary.json"):  # the pilot resumes from run_*
+        (root / "pilot" / "seed_0" / name).write_text("x")
     keep_records_only(root)
     tracked = subprocess.run(["git", "-C", str(tmp_path), "ls-files", "--others", "--exclude-standard"],
                              capture_output=True, text=True, check=True).stdout.split()
     assert sorted(tracked) == ["study/.gitignore", "study/exp/fedit/seed_0/config.yaml",
                                "study/exp/fedit/seed_0/metrics.jsonl", "study/exp/fedit/seed_0/results.json",
-                               "study/exp/results.md"]
+                               "study/exp/results.md", "study/pilot/seed_0/run_closed_qa.json",
+                               "study/pilot/seed_0/summary.json"]
 
 
 def test_two_processes_share_one_study(spec, tmp_path):

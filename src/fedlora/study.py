@@ -301,6 +301,7 @@ RECORDS_GITIGNORE = """\
 !summary.json
 !records.json
 !pilot.json
+!run_*.json
 !*.png
 !pilot.finished
 checkpoints/

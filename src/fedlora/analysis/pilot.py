@@ -115,6 +115,8 @@ class GroupRun:
     seconds: float = 0.0
     seed: int = 0
     responses: list[tuple[int, dict]] = field(default_factory=list)  # (step, loss_response(...)) per measured step
+    # the measures of the snapshots, when the run was loaded from its record without them (`measured_record`)
+    measured: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -242,8 +244,15 @@ def run_pilot(cfg, tokenizer, base_model, group_examples: dict[str, list[Example
 def measure_runs(runs: list[GroupRun]) -> list[dict]:
     records = []
     for run in runs:
-        records += measure_snapshots(run.snapshots, axes=AXES, group=run.group)
+        records += (run.measured["records"] if run.measured is not None
+                    else measure_snapshots(run.snapshots, axes=AXES, group=run.group))
     return records
+
+
+def measured_record(run: GroupRun) -> dict:
+    """All that the report needs of a run's snapshots (a few KiB; the snapshots are MiBs): a run loaded with it
+    and no snapshots reports the same numbers."""
+    return {"records": measure_runs([run]), "same_interval": same_interval_direction_ratio(run)}
 
 
 def same_interval_direction_ratio(run: GroupRun) -> dict[str, float]:
@@ -251,6 +260,8 @@ def same_interval_direction_ratio(run: GroupRun) -> dict[str, float]:
 
     B's direction is undefined at step 0, so the main measure compares B from its first non-zero
     snapshot but A from step 0. This check puts both on the same interval."""
+    if run.measured is not None:
+        return run.measured["same_interval"]
     later = [s for s in run.snapshots if s[0] > 0]
     if len(later) < 2:
         return {axis: math.nan for axis in AXES}

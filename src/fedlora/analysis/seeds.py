@@ -5,7 +5,9 @@ Each seed s gives a fresh LoRA initialization (seed s) and data order (s * 1000 
 
 - pilot.json: the setup (model, data, lora, train, steps, every, perturbation); a rerun with another setup is refused;
 - seed_<s>/: the one-seed report of `write_pilot_report`, plus per finished group snapshots_<group>.pt and
-  run_<group>.json (losses, responses), the latter written last: it marks (s, group) as done, and a rerun skips it;
+  run_<group>.json (losses, responses and the measures of the snapshots), the latter written last: it marks
+  (s, group) as done, and a rerun skips it. The run file alone is enough to resume and report (a study commits
+  it and not the snapshots), so a clean checkout redoes only the unfinished groups;
 - summary.md, summary.json: over seeds.
 
 Over seeds each per-seed value v_s (the all-groups values and ratios of both readings, per group the ratios and the
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .pilot import LOSS_WINDOW, GroupRun, _f
+from .pilot import LOSS_WINDOW, GroupRun, _f, measured_record
 from .sensitivity import PAPER_RATIOS, _slug
 from .sensitivity.perturb import RESPONSE
 
@@ -103,17 +105,23 @@ def save_group(run: GroupRun, sdir: Path) -> None:
     torch.save({"group": run.group, "seed": run.seed, "snapshots": run.snapshots, "losses": run.losses},
                sdir / f"snapshots_{_slug(run.group)}.pt")
     meta = {"group": run.group, "seed": run.seed, "rows": run.rows, "seconds": run.seconds, "losses": run.losses,
-            "responses": [[step, resp] for step, resp in run.responses]}
+            "responses": [[step, resp] for step, resp in run.responses], "measured": measured_record(run)}
     tmp = _run_file(sdir, run.group).with_suffix(".tmp")
     tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
     tmp.replace(_run_file(sdir, run.group))
 
 
 def load_group(sdir: Path, group: str) -> GroupRun:
+    """A finished (seed, group) from its run file, with its snapshots where they exist, else with the measures
+    the run file holds (the snapshots are not committed)."""
     meta = json.loads(_run_file(sdir, group).read_text(encoding="utf-8"))
-    saved = torch.load(sdir / f"snapshots_{_slug(group)}.pt", weights_only=True)
-    return GroupRun(group=group, snapshots=[(int(s), d) for s, d in saved["snapshots"]], losses=meta["losses"],
-                    rows=meta["rows"], seconds=meta["seconds"], seed=meta["seed"],
+    pt = sdir / f"snapshots_{_slug(group)}.pt"
+    snapshots = [(int(s), d) for s, d in torch.load(pt, weights_only=True)["snapshots"]] if pt.is_file() else []
+    if not snapshots and not meta.get("measured"):
+        raise UserError(f"{_run_file(sdir, group)}: finished, but neither its snapshots ({pt.name}) nor its measures "
+                        "are there; delete the run file to redo this group")
+    return GroupRun(group=group, snapshots=snapshots, losses=meta["losses"], rows=meta["rows"],
+                    seconds=meta["seconds"], seed=meta["seed"], measured=None if snapshots else meta["measured"],
                     responses=[(int(step), resp) for step, resp in meta["responses"]])
 
 
