@@ -20,7 +20,7 @@ from fedlora.config import load_config
 from fedlora.model import EMBEDDED_HUB_ID, _no_gguf_progress_bar, base_model_id
 from fedlora.runner import print_table
 
-PHASE_LINE = re.compile(r"^round (\d+) client (\d+) (global|local) phase: (\d+) steps?, loss \d+\.\d{4}, \d+\.\ds "
+PHASE_LINE = re.compile(r"^round (\d+) client (\d+) (global|local|joint) phase: (\d+) steps?, loss \d+\.\d{4}, \d+\.\ds "
                         r"\(\d+/\d+ steps, about \S+ left\)$", re.M)
 
 
@@ -68,6 +68,17 @@ def test_a_log_gets_a_line_per_client_phase(logged_run):
                 for c in range(3)]
     assert phases == expected, out
     assert "loading model" in out  # what the terminal's spinner says is a line in a log
+
+
+def test_the_joint_pipeline_calls_its_one_phase_joint():
+    from fedlora.config.schema import MethodConfig
+    from fedlora.core.methods import build_method
+    from fedlora.runner import phase_name
+
+    joint, sequential = (build_method("fedlora_opt", MethodConfig(pipeline=p)) for p in ("joint", "sequential"))
+    assert phase_name(joint, "global") == "joint"
+    assert [phase_name(sequential, p) for p in ("global", "local")] == ["global", "local"]
+    assert phase_name(build_method("fedit", MethodConfig()), "global") == "global"
 
 
 def test_print_table_keeps_a_rich_table_where_it_fits_and_falls_back_to_markdown():

@@ -121,18 +121,24 @@ def print_table(console: Console, title: str, headers: Sequence[str], rows: Sequ
     console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
+def phase_name(method, phase: str) -> str:
+    """What progress calls a phase: the joint pipeline's one phase serves the global and the local optimizer."""
+    return "joint" if phase == "global" and method.joint_personal else phase
+
+
 class RoundProgress:
     """Progress inside the rounds, fed by the in-process transport after each client's phase.
 
     In a terminal: a live bar (round, clients done in the phase, steps done of the run, ETA). Elsewhere (a log
-    file, a pipe): one plain line per client phase, e.g. `round 2 client 3 global phase: 4 steps, loss 2.3100,
-    12.3s (24/48 steps, about 1m20s left)`. The ETA is the run's own pace: steps left at the seconds per step
-    so far, counted from the start of the first phase (evaluation included, the base model's excluded).
+    file, a pipe): one plain line per client phase (global, local; joint in the joint pipeline), e.g. `round 2
+    client 3 global phase: 4 steps, loss 2.3100, 12.3s (24/48 steps, about 1m20s left)`. The ETA is the run's
+    own pace: steps left at the seconds per step so far, counted from the start of the first phase (evaluation
+    included, the base model's excluded).
     """
 
     def __init__(self, console: Console, sim: Simulation, start_round: int):
         cfg, m = sim.cfg, sim.method
-        self.console, self.rounds = console, cfg.federation.rounds
+        self.console, self.rounds, self.method = console, cfg.federation.rounds, m
         self.plan: dict[int, tuple[int, int]] = {}
         """round -> (clients in each phase, steps of the round)."""
         for r in range(start_round, self.rounds + 1):
@@ -165,6 +171,7 @@ class RoundProgress:
 
     def __call__(self, rnd: int, cid: int, phase: str, stats, seconds: float) -> None:
         """One client finished one phase (`transport.Progress`)."""
+        phase = phase_name(self.method, phase)
         if self.t0 is None:
             self.t0 = time.perf_counter() - seconds
         self.done += stats.steps
