@@ -363,3 +363,15 @@ def test_joint_pipeline_needs_an_offset():
         small_cfg("method=fedlora_opt", "pipeline=joint", "personal_mode=reset")
     with pytest.raises(ConfigError, match="share_b_mag"):
         small_cfg("method=fedlora_opt", "pipeline=joint", "share_b_mag=false")
+
+
+
+def test_generation_only_where_generate_every_says(tok, base):
+    """eval.generate_every=2: every round's evaluation scores the loss; rounds 2 and 3 (every 2nd and the last)
+    also generate (ROUGE-L). With 0, only the last does."""
+    history = make_sim(tok, base, "fedit", "rounds=3", "eval.every=1", "eval.generate_every=2").run()
+    assert all(h.eval["global"]["loss"] > 0 and h.eval["local"]["loss"] > 0 for h in history)
+    assert [h.eval["global"]["rouge_l"] is not None for h in history] == [False, True, True]
+    assert [h.eval["local"]["rouge_l"] is not None for h in history] == [False, True, True]
+    last_only = small_cfg("eval.generate_every=0").eval
+    assert [last_only.at_round(r, 3).generate for r in (1, 2, 3)] == [False, False, True]

@@ -99,16 +99,17 @@ class ClientHost:
                 out[c].update({"local-loss": stats.loss, "local-steps": stats.steps, "local-tokens": stats.tokens})
                 if on_done:
                     on_done(c, stats)
+        settings = self.cfg.eval.at_round(rnd, self.cfg.federation.rounds)
         for c, task in cids_tasks.items():
             if task.base:
                 out[c]["eval"] = self.evaluate_base(c)
                 continue
             if task.evaluate_global:
                 self.am.load_state(self.client.full_global_state(shared))
-                out[c]["global-eval"] = self._evaluate(c)
+                out[c]["global-eval"] = self._evaluate(c, settings)
             if task.evaluate:
                 self.am.load_state(self.local_state(c, shared))
-                out[c]["eval"] = self._evaluate(c)
+                out[c]["eval"] = self._evaluate(c, settings)
         return out
 
     def local_state(self, cid: int, shared: Mapping) -> State:
@@ -119,6 +120,6 @@ class ClientHost:
         with self.am.model.disable_adapter():
             return self._evaluate(cid)
 
-    def _evaluate(self, cid: int) -> dict:
-        e = self.cfg.eval
+    def _evaluate(self, cid: int, e=None) -> dict:
+        e = e or self.cfg.eval
         return evaluate(self.am, self.fmt, self.eval_rows[cid], e, e.max_examples_per_client).as_dict()

@@ -157,7 +157,7 @@ class RoundEngine:
         asked = (local | (set(self.transport.reachable()) if evaluate_now else set())) - set(failed_now)
         if evaluate_now:
             t = time.perf_counter()
-            rec.eval = {"split": cfg.eval.split, **self._server_eval(self.server.global_state)}
+            rec.eval = {"split": cfg.eval.split, **self._server_eval(self.server.global_state, rnd)}
             rec.eval["wall_time"] = time.perf_counter() - t
         self.open = OpenRound(rec, {c: LocalTask(train=c in local, evaluate=evaluate_now,
                                                  evaluate_global=evaluate_now and self.federated_eval)
@@ -219,11 +219,12 @@ class RoundEngine:
         return rec
 
     # ------------------------------------------------------------------ evaluation
-    def _server_eval(self, state: State | None) -> dict:
-        """The global model (the server's state; None: the base model) on the server's own global sets."""
+    def _server_eval(self, state: State | None, rnd: int | None = None) -> dict:
+        """The global model (the server's state after round `rnd`; None: the base model) on the server's own
+        global sets."""
         if not self.evaluator.has_sets():
             return {}
-        out = self.evaluator.evaluate(state) if state is not None else self.evaluator.evaluate_base()
+        out = self.evaluator.evaluate(state, rnd) if state is not None else self.evaluator.evaluate_base()
         note = global_model_note(self.method)
         if note and state is not None:
             out["global"]["note"] = note

@@ -37,25 +37,25 @@ class GlobalEvaluator:
                 pooled.setdefault(e.label, []).append(e)
         return dict(sorted(pooled.items()))
 
-    def evaluate(self, state: State) -> dict:
-        """{"global": ..., ["unseen": ...]} of the model with this adapter state."""
+    def evaluate(self, state: State, rnd: int | None = None) -> dict:
+        """{"global": ..., ["unseen": ...]} of the model with this adapter state (after round `rnd`: with the
+        round's settings, `EvalConfig.at_round`)."""
         self.am.load_state(state)
-        return self._all()
+        return self._all(self.cfg.eval if rnd is None else self.cfg.eval.at_round(rnd, self.cfg.federation.rounds))
 
     def evaluate_base(self) -> dict:
         """The same sets on the base model, its adapter disabled."""
         with self.am.model.disable_adapter():
-            return self._all()
+            return self._all(self.cfg.eval)
 
-    def _all(self) -> dict:
-        out = {"global": self._labelled(self.global_sets())}
-        if self.data.unseen_test and self.cfg.eval.split == "test":
-            out["unseen"] = self._labelled(self.data.unseen_test)
+    def _all(self, e) -> dict:
+        out = {"global": self._labelled(self.global_sets(), e)}
+        if self.data.unseen_test and e.split == "test":
+            out["unseen"] = self._labelled(self.data.unseen_test, e)
         return out
 
-    def _labelled(self, sets: Mapping) -> dict:
+    def _labelled(self, sets: Mapping, e) -> dict:
         """Per-label evaluation, then the unweighted mean over labels (each category/task counts equally)."""
-        e = self.cfg.eval
         per = max(1, e.max_global_examples // max(1, len(sets)))
         results = evaluate_groups(self.am, self.fmt, sets, e, per)
         rouges = [r.rouge_l for r in results.values() if r.rouge_l is not None]

@@ -173,12 +173,11 @@ def plot_curves(histories: dict[str, list[dict]], out: Path, base: dict | None =
     axes = fig.subplots(2, 2)
     for name, hist in histories.items():
         ev = [h for h in hist if h.get("eval")]
-        x = [h["round"] for h in ev]
         for (i, j), (scope, key) in _PANELS.items():
-            y = [h["eval"][scope][key] for h in ev]
-            if any(v is None for v in y):
+            points = [(h["round"], h["eval"][scope][key]) for h in ev if h["eval"][scope][key] is not None]
+            if not points:  # e.g. ROUGE-L is not generated at every evaluation (eval.generate_every)
                 continue
-            axes[i][j].plot(x, y, marker="o", label=name)
+            axes[i][j].plot(*zip(*points), marker="o", label=name)
             axes[i][j].set_title(f"{scope} {key.replace('_', '-')}")
             axes[i][j].set_xlabel("round")
     if base is not None:

@@ -328,6 +328,9 @@ class EvalConfig(_Section):
     generate: bool = True
     max_gen_examples: int = 8
     """Examples per client (and per global set) scored by ROUGE-L of greedy generations."""
+    generate_every: int = 1
+    """Generate (ROUGE-L) at every k-th round's evaluation and always at the last (0: the last only); the other
+    evaluations score the loss alone. Generating is most of an evaluation's cost, and loss curves need none."""
     max_new_tokens: int = 32
     batch_size: int = 8
     split: Literal["test", "validation"] = "test"
@@ -339,8 +342,14 @@ class EvalConfig(_Section):
         self._positive("max_examples_per_client")
         self._positive("max_global_examples")
         self._positive("max_gen_examples", allow_zero=True)
+        self._positive("generate_every", allow_zero=True)
         self._positive("max_new_tokens")
         self._positive("batch_size")
+
+    def at_round(self, rnd: int, rounds: int) -> EvalConfig:
+        """The settings of round `rnd`'s evaluation: without generation unless `generate_every` says so."""
+        due = rnd == rounds or (self.generate_every > 0 and rnd % self.generate_every == 0)
+        return self if due or not self.generate else dataclasses.replace(self, generate=False)
 
 
 @dataclass
