@@ -63,6 +63,16 @@ def test_study_runs_every_method_and_seed_then_skips_them(spec, capsys):
     assert "small/fedit/seed_0: done, skipped" in capsys.readouterr().out
     assert (out / "small" / "fedit" / "seed_0" / "results.json").read_bytes() == before
 
+    # <out>/STOP: no further run starts, the process ends cleanly; without it the study goes on
+    (out / "small" / "fedit" / "seed_1" / "results.json").unlink()
+    (out / "STOP").touch()
+    assert main(["study", "--spec", str(spec / "spec.yaml"), "--out", str(out)]) == 0
+    assert f"study: {out / 'STOP'} exists, so no further run starts" in capsys.readouterr().out
+    assert not (out / "small" / "fedit" / "seed_1" / "results.json").exists()
+    (out / "STOP").unlink()
+    assert main(["study", "--spec", str(spec / "spec.yaml"), "--out", str(out)]) == 0
+    assert (out / "small" / "fedit" / "seed_1" / "results.json").is_file()
+
 
 def test_study_bad_input_is_one_line(spec, capsys):
     assert main(["study", "--spec", str(spec / "spec.yaml"), "--only", "nope"]) == 2

@@ -8,7 +8,8 @@ Several processes can work on one study (e.g. one per CPU core or GPU, each with
 run directory is claimed (an exclusive `.claimed` file with the owner's pid) before it runs, so a process skips
 runs another live process holds and takes over those of a dead one; an experiment's tables are written once all
 its runs are finished. `--only` splits by experiment instead. `summary.md` always lists every finished
-experiment of the spec, whichever process wrote it.
+experiment of the spec, whichever process wrote it. A file named STOP in --out stops every process gracefully:
+each finishes the run it is on and starts no other (delete STOP to go on).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def load_spec(path: str) -> dict:
     if spec.get("tuning") is not None:
         check_tuning(spec["tuning"], f"study spec {p}")
     return spec
+
+
+STOP = "STOP"
+
+
+class StudyStopped(Exception):
+    """<out>/STOP exists: this process finished its run and starts no other."""
 
 
 def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, console: Console,
@@ -97,6 +105,8 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                 console.print(f"[dim]{run_dir.relative_to(root).as_posix()}: done, skipped")
             announced.add(run_dir)
             return True
+        if (root / STOP).exists():
+            raise StudyStopped(f"study: {root / STOP} exists, so no further run starts (delete it to go on)")
         if not _claim(run_dir):
             return False  # another live process is running it
         cfg = load_config(config, sets)
@@ -194,6 +204,8 @@ def _pilot(spec: dict, root: Path, console: Console) -> str:
 
     if (root / res.PILOT_DONE).is_file():
         return "done"
+    if (root / STOP).exists():
+        raise StudyStopped(f"study: {root / STOP} exists, so the pilot study does not start (delete it to go on)")
     if not _claim(root / "pilot.claim"):
         return "held"
     args = [str(a) for a in spec["pilot"]["args"]]  # YAML reads 300 and 0.1 as numbers
@@ -391,6 +403,8 @@ def register(sub) -> None:
             run_study(args.spec, args.out, quick=args.quick, only=only, console=console, overrides=args.set)
         except KeyError as e:
             raise UserError(f"study spec: missing key {e}") from None
+        except StudyStopped as e:
+            console.print(str(e), markup=False, highlight=False, soft_wrap=True)
         return 0
 
     p.set_defaults(handler=handler)
