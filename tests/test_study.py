@@ -97,7 +97,7 @@ def test_run_claims_between_processes(tmp_path):
     import subprocess
     import sys
 
-    from fedlora.study import CLAIM, _claim
+    from fedlora.study_dirs import CLAIM, claim as _claim
 
     run = tmp_path / "exp" / "m" / "seed_0"
     assert _claim(run) and (run / CLAIM).read_text() == str(os.getpid())
@@ -117,7 +117,7 @@ def test_a_study_directory_under_git_keeps_only_its_records(tmp_path):
     """Committing a study's --out commits the records a clean checkout resumes from, not checkpoints or claims."""
     import subprocess
 
-    from fedlora.study import CLAIM, keep_records_only
+    from fedlora.study_dirs import CLAIM, keep_records_only
 
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     root = tmp_path / "study"
@@ -166,7 +166,7 @@ def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_p
     import threading
     import time
 
-    from fedlora.study import CLAIM
+    from fedlora.study_dirs import CLAIM
 
     two = spec / "two.yaml"
     two.write_text(

@@ -15,7 +15,6 @@ each finishes the run it is on and starts no other (delete STOP to go on).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from rich.console import Console
 from . import results as res
 from .errors import ConfigError, UserError
 from .paired import paired_differences, paired_table
+from .study_dirs import CLAIM, claim, keep_records_only
 from .tuning import check_tuning, plan, tuned_entry, tuning_table
 
 
@@ -107,12 +107,12 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
             return True
         if (root / STOP).exists():
             raise StudyStopped(f"study: {root / STOP} exists, so no further run starts (delete it to go on)")
-        if not _claim(run_dir):
+        if not claim(run_dir):
             return False  # another live process is running it
         cfg = load_config(config, sets)
         cfg.output.dir = str(run_dir)
         res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run restarts from scratch
-        _claim(run_dir)  # prepare_run_dir emptied the directory
+        claim(run_dir)  # prepare_run_dir emptied the directory
         console.rule(title)
         run_experiment(session, cfg, run_dir, show_partition=False)
         (run_dir / CLAIM).unlink(missing_ok=True)
@@ -206,7 +206,7 @@ def _pilot(spec: dict, root: Path, console: Console) -> str:
         return "done"
     if (root / STOP).exists():
         raise StudyStopped(f"study: {root / STOP} exists, so the pilot study does not start (delete it to go on)")
-    if not _claim(root / "pilot.claim"):
+    if not claim(root / "pilot.claim"):
         return "held"
     args = [str(a) for a in spec["pilot"]["args"]]  # YAML reads 300 and 0.1 as numbers
     console.rule("pilot: fedlora analyze sensitivity " + " ".join(args))
@@ -292,74 +292,6 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
         (root / name / f"{res.PARTIAL}{suffix}").unlink(missing_ok=True)
     res.plot_curves(histories, root / name / "curves.png")
     res.plot_per_client(rows, root / name / "per_client_local.png", seeds)
-
-
-CLAIM = ".claimed"
-
-RECORDS_GITIGNORE = """\
-# Written by `fedlora study`. Under git, this directory keeps only the small records its tables are built from:
-# a clean checkout then resumes the study where the committed records end. Checkpoints, adapters, snapshots and
-# claims stay out.
-*
-!*/
-!.gitignore
-!results.json
-!results.md
-!metrics.jsonl
-!config.yaml
-!partial.json
-!partial.md
-!summary.md
-!summary.json
-!records.json
-!pilot.json
-!run_*.json
-!*.png
-!pilot.finished
-checkpoints/
-"""
-
-
-def keep_records_only(root: Path) -> None:
-    """Write <root>/.gitignore (once; a user's own is kept) so that committing a study's --out directory commits
-    its records and nothing heavy. Outside a git work tree, or where runs/ is ignored, it changes nothing."""
-    path = root / ".gitignore"
-    if not path.exists():
-        res.atomic_write(path, RECORDS_GITIGNORE)
-
-
-def _claim(run_dir: Path) -> bool:
-    """Claim a run for this process (True), unless another live process holds it. A dead owner's claim is taken."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CLAIM
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner == os.getpid():
-                return True
-            if owner and _alive(owner):
-                return False
-            path.unlink(missing_ok=True)  # the owner died: take the run over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _method_entry(entry) -> tuple[str, list[str]]:
