@@ -375,3 +375,4 @@ def test_generation_only_where_generate_every_says(tok, base):
     assert [h.eval["local"]["rouge_l"] is not None for h in history] == [False, True, True]
     last_only = small_cfg("eval.generate_every=0").eval
     assert [last_only.at_round(r, 3).generate for r in (1, 2, 3)] == [False, False, True]
+

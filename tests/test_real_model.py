@@ -73,3 +73,32 @@ def test_own_data_federation_on_smollm2(tmp_path):
     assert ev["global"] == ev["federated"] and ev["federated"]["clients"] == 2
     assert 0 < ev["global"]["loss"] < 20 and all(0 < c["loss"] < 20 for c in ev["local"]["per_client"])
     assert result["base_eval"]["global"]["loss"] > 0 and "| base model |" in (out / "results.md").read_text()
+
+
+def test_generations_do_not_depend_on_the_generation_batch():
+    """eval.gen_batch_size only changes the cost: left-padded prompts give the same greedy generations with an
+    adapter that changes the model (benchmarks/eval_cost.py measures the cost)."""
+    from fedlora.adapters import AdapterModel
+    from fedlora.config import load_config
+    from fedlora.data.federated import load_examples
+    from fedlora.data.prompts import PromptFormatter
+    from fedlora.evaluate import generate
+
+    cfg = load_config(None, [f"data.path={DOLLY}", "max_rows=40", "max_length=96"])
+    examples, _ = load_examples(cfg, warn=lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # far faster than 2 when the cores are busy
+    tok = load_tokenizer("smollm2")
+    am = AdapterModel(load_base_model("smollm2", torch.device("cpu"), torch.float32), "lora", cfg.lora, seed=0)
+    fmt = PromptFormatter(tok, cfg.data.template, cfg.data.max_length)
+    rows = examples[:4]
+    before = generate(am, fmt, rows, 6, 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in am.model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.1)
+    one, four = (generate(am, fmt, rows, 6, b) for b in (1, 4))
+    torch.set_num_threads(threads)
+    assert one == four and all(one)
+    assert one != before  # the adapter is active

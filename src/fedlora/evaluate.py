@@ -115,7 +115,8 @@ def evaluate_groups(am: AdapterModel, fmt: PromptFormatter, groups: Mapping[Hash
         if eval_cfg.generate and eval_cfg.max_gen_examples > 0 else []
     with parametrize.cached():
         losses = row_losses(am, fmt, [e for _, e in flat], eval_cfg.batch_size)
-        preds = generate(am, fmt, [e for _, e in gen], eval_cfg.max_new_tokens, eval_cfg.batch_size) if gen else []
+        preds = (generate(am, fmt, [e for _, e in gen], eval_cfg.max_new_tokens, eval_cfg.gen_batch_size)
+                 if gen else [])
     out = {}
     for g, rows in chosen.items():
         mine = [lt for (gg, _), lt in zip(flat, losses) if gg == g]

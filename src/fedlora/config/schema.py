@@ -333,6 +333,11 @@ class EvalConfig(_Section):
     evaluations score the loss alone. Generating is most of an evaluation's cost, and loss curves need none."""
     max_new_tokens: int = 32
     batch_size: int = 8
+    """Rows per batch when scoring the loss."""
+    gen_batch_size: int = 32
+    """Prompts per batch when generating. Each decoded token reads every weight once per batch, so on a CPU a
+    larger batch costs less per token (0.57x the CPU time of batch 8 at 32, with the same generations:
+    benchmarks/eval_cost.py, docs/performance.md)."""
     split: Literal["test", "validation"] = "test"
     """`validation` evaluates on the validation rows carved from the clients' training data (for tuning;
     needs data.validation_fraction > 0): local = each client's own, global = all clients' pooled by label."""
@@ -345,6 +350,7 @@ class EvalConfig(_Section):
         self._positive("generate_every", allow_zero=True)
         self._positive("max_new_tokens")
         self._positive("batch_size")
+        self._positive("gen_batch_size")
 
     def at_round(self, rnd: int, rounds: int) -> EvalConfig:
         """The settings of round `rnd`'s evaluation: without generation unless `generate_every` says so."""
