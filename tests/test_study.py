@@ -74,6 +74,34 @@ def test_study_runs_every_method_and_seed_then_skips_them(spec, capsys):
     assert (out / "small" / "fedit" / "seed_1" / "results.json").is_file()
 
 
+def test_a_run_stopped_mid_way_resumes_from_its_checkpoint(spec, capsys):
+    """A study run with a checkpoint (a process stopped after round 1 of 2) continues from it, to the numbers of
+    the uninterrupted run; with another config it restarts from scratch."""
+    import shutil
+
+    args = ["study", "--spec", str(spec / "spec.yaml"), "--only", "both_refs", "--set", "threads=1",
+            "--set", "federation.rounds=2", "--set", "output.checkpoint_every=1"]
+    out = spec / "study"
+    assert main([*args, "--out", str(out)]) == 0
+    run = out / "both_refs" / "fedlora_opt" / "seed_0"
+    whole = json.loads((run / "results.json").read_text())
+    (run / "results.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "round-000002")
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 0
+    assert "both_refs: fedlora_opt (seed 0), resuming after round 1" in capsys.readouterr().out
+    resumed = json.loads((run / "results.json").read_text())
+    same = lambda r: {k: v for k, v in r["summary"].items() if k != "wall_time"}  # noqa: E731
+    assert same(resumed) == same(whole) and resumed["summary"]["global_loss"] > 0
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # another config: the checkpoint does not fit, the run starts again
+    (run / "results.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "round-000002")
+    assert main([*args, "--set", "train.lr=1e-3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "both_refs: fedlora_opt (seed 0)" in text and "resuming" not in text
+
+
 def test_study_bad_input_is_one_line(spec, capsys):
     assert main(["study", "--spec", str(spec / "spec.yaml"), "--only", "nope"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

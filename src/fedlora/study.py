@@ -2,7 +2,9 @@
 
 A study spec (YAML) names experiments; each is a base config plus `--set` overrides, a list of methods and
 seeds. Every (experiment, method, seed) run writes its own directory; finished runs are skipped, so a study
-interrupted (or spread over several GPU leases) is completed by running the same command again.
+interrupted (or spread over several GPU leases) is completed by running the same command again. An unfinished
+run continues from its newest checkpoint when one fits its config and data (`output.checkpoint_every`), else it
+starts again.
 
 Several processes can work on one study (e.g. one per CPU core or GPU, each with `--set threads=1`): each
 run directory is claimed (an exclusive `.claimed` file with the owner's pid) before it runs, so a process skips
@@ -111,10 +113,12 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
             return False  # another live process is running it
         cfg = load_config(config, sets)
         cfg.output.dir = str(run_dir)
-        res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run restarts from scratch
-        claim(run_dir)  # prepare_run_dir emptied the directory
-        console.rule(title)
-        run_experiment(session, cfg, run_dir, show_partition=False)
+        ckpt = _resumable(run_dir, cfg, session)
+        if ckpt is None:
+            res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run without a checkpoint restarts
+            claim(run_dir)  # prepare_run_dir emptied the directory
+        console.rule(title + (f", resuming after round {ckpt.round}" if ckpt else ""))
+        run_experiment(session, cfg, run_dir, show_partition=False, resume=ckpt)
         (run_dir / CLAIM).unlink(missing_ok=True)
         announced.add(run_dir)
         return True
@@ -194,6 +198,26 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
+
+
+def _resumable(run_dir: Path, cfg, session):
+    """The newest complete checkpoint of an unfinished run, if it was written with this config and these data
+    (a run stopped mid-way, e.g. by a restarted process, continues from it); else None."""
+    from .checkpoint import CheckpointError, config_difference, open_for_resume
+    from .config import config_from_dict
+
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        ckpt, _, _ = open_for_resume(run_dir, "study")
+        saved = config_from_dict(yaml.safe_load(ckpt.config_yaml)) if ckpt else None
+    except (CheckpointError, UserError):
+        return None
+    if (ckpt is None or ckpt.state.get("runtime", "in-process") != "in-process"
+            or config_difference(saved.to_dict(), cfg.to_dict()) or ckpt.round >= cfg.federation.rounds
+            or session.data(cfg).fingerprint != ckpt.fingerprint):
+        return None
+    return ckpt
 
 
 def _pilot(spec: dict, root: Path, console: Console) -> str:
