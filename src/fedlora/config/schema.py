@@ -6,48 +6,15 @@ Every error is one line that names the field by its dotted path, the value and w
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from .evaluation import EvalConfig, OutputConfig  # noqa: F401 (re-exported by the package)
+from .section import _positive, _Section, _suggest  # noqa: F401 (_suggest: parser, runner)
 
 DEFAULT_DOLLY_PATH = "../shared/data/databricks-dolly-15k.jsonl"
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
-
-
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _positive(path: str, value: float | int | None, *, allow_zero: bool = False, allow_none: bool = False) -> None:
-    if value is None:
-        if allow_none:
-            return
-        raise ConfigError(f"{path}: must be set")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{path}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-class _Section:
-    """Field checks shared by the sections; SECTION is the section's key in `Config` (the dotted path's head)."""
-
-    SECTION = ""
-
-    def _positive(self, name: str, *, allow_zero: bool = False, allow_none: bool = False) -> None:
-        _positive(f"{self.SECTION}.{name}", getattr(self, name), allow_zero=allow_zero, allow_none=allow_none)
-
-    def _within(self, name: str, low: float, high: float, brackets: str = "[)") -> None:
-        """`name` must lie between low and high; brackets say which ends are allowed, e.g. "(]"."""
-        value = getattr(self, name)
-        above = value >= low if brackets[0] == "[" else value > low
-        below = value <= high if brackets[1] == "]" else value < high
-        if not (above and below):
-            raise ConfigError(f"{self.SECTION}.{name}: {value!r} must be in {brackets[0]}{low}, {high}{brackets[1]}")
-
-    def validate(self) -> None:
-        """Range checks of this section's own fields, which types alone cannot express."""
 
 
 @dataclass
@@ -315,62 +282,6 @@ class MethodConfig(_Section):
                     f"known: {', '.join(ALL_COMPONENTS)}"
                 )
             _positive(f"method_options.lr_mult.{comp}", mult)
-
-
-@dataclass
-class EvalConfig(_Section):
-    SECTION = "eval"
-
-    every: int = 1
-    """Evaluate every k rounds (and always after the last; 0: only after the last)."""
-    max_examples_per_client: int = 16
-    max_global_examples: int = 64
-    generate: bool = True
-    max_gen_examples: int = 8
-    """Examples per client (and per global set) scored by ROUGE-L of greedy generations."""
-    generate_every: int = 1
-    """Generate (ROUGE-L) at every k-th round's evaluation and always at the last (0: the last only); the other
-    evaluations score the loss alone. Generating is most of an evaluation's cost, and loss curves need none."""
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    """Rows per batch when scoring the loss."""
-    gen_batch_size: int = 32
-    """Prompts per batch when generating. Each decoded token reads every weight once per batch, so on a CPU a
-    larger batch costs less per token (0.57x the CPU time of batch 8 at 32, with the same generations:
-    benchmarks/eval_cost.py, docs/performance.md)."""
-    split: Literal["test", "validation"] = "test"
-    """`validation` evaluates on the validation rows carved from the clients' training data (for tuning;
-    needs data.validation_fraction > 0): local = each client's own, global = all clients' pooled by label."""
-
-    def validate(self) -> None:
-        self._positive("every", allow_zero=True)
-        self._positive("max_examples_per_client")
-        self._positive("max_global_examples")
-        self._positive("max_gen_examples", allow_zero=True)
-        self._positive("generate_every", allow_zero=True)
-        self._positive("max_new_tokens")
-        self._positive("batch_size")
-        self._positive("gen_batch_size")
-
-    def at_round(self, rnd: int, rounds: int) -> EvalConfig:
-        """The settings of round `rnd`'s evaluation: without generation unless `generate_every` says so."""
-        due = rnd == rounds or (self.generate_every > 0 and rnd % self.generate_every == 0)
-        return self if due or not self.generate else dataclasses.replace(self, generate=False)
-
-
-@dataclass
-class OutputConfig(_Section):
-    SECTION = "output"
-
-    dir: str = "runs/default"
-    overwrite: bool = False
-    save_adapters: bool = True
-    plots: bool = True
-    checkpoint_every: int = 1
-    """Checkpoint every k rounds (and always after the last; 0: only after the last). See docs/reliability.md."""
-
-    def validate(self) -> None:
-        self._positive("checkpoint_every", allow_zero=True)
 
 
 @dataclass
