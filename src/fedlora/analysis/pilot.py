@@ -249,12 +249,6 @@ def measure_runs(runs: list[GroupRun]) -> list[dict]:
     return records
 
 
-def measured_record(run: GroupRun) -> dict:
-    """All that the report needs of a run's snapshots (a few KiB; the snapshots are MiBs): a run loaded with it
-    and no snapshots reports the same numbers."""
-    return {"records": measure_runs([run]), "same_interval": same_interval_direction_ratio(run)}
-
-
 def same_interval_direction_ratio(run: GroupRun) -> dict[str, float]:
     """A-dir : B-dir with A also measured from the first snapshot after step 0 (B's reference), per axis.
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .pilot import LOSS_WINDOW, GroupRun, _f, measured_record
+from .pilot import LOSS_WINDOW, GroupRun, _f, measure_runs, same_interval_direction_ratio
 from .sensitivity import PAPER_RATIOS, _slug
 from .sensitivity.perturb import RESPONSE
 
@@ -97,6 +97,12 @@ def _run_file(sdir: Path, group: str) -> Path:
 def done_groups(sdir: Path, groups) -> list[str]:
     """The groups of this seed's directory whose run file exists (finished)."""
     return [g for g in groups if _run_file(sdir, g).is_file()]
+
+
+def measured_record(run: GroupRun) -> dict:
+    """All that the report needs of a run's snapshots (a few KiB; the snapshots are MiBs): a run loaded with it
+    and no snapshots reports the same numbers."""
+    return {"records": measure_runs([run]), "same_interval": same_interval_direction_ratio(run)}
 
 
 def save_group(run: GroupRun, sdir: Path) -> None:
