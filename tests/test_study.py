@@ -224,7 +224,7 @@ def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_p
         pub = tmp_path / "pub"
         assert main(["study", "--spec", str(two), "--out", str(out), "--publish", str(pub)]) == 0
         report = (pub / "README.md").read_text()
-        assert "Not finished: 1 of 2 runs" in report and "PARTIAL" in report and "still running: fedit" in report
+        assert "Not finished: 1 of 2 runs done" in report and "PARTIAL" in report and "still running: fedit" in report
         assert (pub / "first" / "partial.md").read_text() in report
     finally:
         holder.kill()
@@ -381,4 +381,4 @@ def test_the_pilot_study_is_part_of_the_spec(spec, capsys):
     pub = spec / "published"
     assert main(["study", "--spec", str(path), "--out", str(out), "--publish", str(pub)]) == 0
     report = capsys.readouterr().out
-    assert (pub / "pilot" / "summary.md").read_text() in report and "Not finished: 0 of 4 runs" in report
+    assert (pub / "pilot" / "summary.md").read_text() in report and "Not finished: 0 of 4 runs done" in report

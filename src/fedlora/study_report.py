@@ -50,8 +50,11 @@ def publish(spec: dict, spec_path: str, root: Path, out: Path, load) -> str:
         head = f"### {name}\n\n{exp.get('description', '').strip()}\n\n"
         if not done.is_file():
             finished = len(list((root / name).glob("*/seed_*/results.json"))) if (root / name).is_dir() else 0
-            parts.append(head + f"Not finished: {finished} of {n_methods * n_seeds} runs "
-                                f"({n_methods} methods × {n_seeds} seeds).\n")
+            total = n_methods * n_seeds
+            parts.append(head + (f"Not finished: {finished} of {total} runs done ({n_methods} methods × {n_seeds} "
+                                 "seeds).\n" if finished < total else
+                                 f"All {total} runs are done; the experiment's tables are written by the next pass "
+                                 "of a study process (or its next start).\n"))
             parts.append(_partial_section(root / name, out / name))
             continue
         dest = out / name
@@ -81,8 +84,9 @@ def _partial_section(src: Path, dest: Path) -> str:
     info = json.loads((dest / f"{PARTIAL}.json").read_text())
     waiting = [m for m in info["methods"] if m not in info["methods_finished"]]
     return (f"PARTIAL: the methods with all seeds {info['seeds']} finished so far "
-            f"({', '.join(info['methods_finished'])}); still running: {', '.join(waiting)}. The comparisons "
-            f"below are complete for the methods they show.\n\n" + (dest / f"{PARTIAL}.md").read_text())
+            f"({', '.join(info['methods_finished'])})" + (f"; still running: {', '.join(waiting)}" if waiting else "")
+            + ". The comparisons below are complete for the methods they show.\n\n"
+            + (dest / f"{PARTIAL}.md").read_text())
 
 
 def _tuning_section(tuning: dict, record: dict, table: str) -> str:
