@@ -166,14 +166,22 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                     pending.append(plan_)
                     continue
                 entries = [_tuned_entry(label, extra, winners, name) for label, extra in entries]
-            left = [(label, seed) for label, extra in entries for seed in seeds
-                    if not finished_or_run(root / name / label / f"seed_{seed}", exp["config"],
-                                           sets + extra + [f"seed={seed}"], f"{name}: {label} (seed {seed})")]
-            if left:
-                pending.append(plan_)
+            def write_partial() -> None:  # the methods whose seeds are all finished so far
                 complete = [(label, extra) for label, extra in entries if all(
                     (root / name / label / f"seed_{seed}" / "results.json").is_file() for seed in seeds)]
                 _write_experiment_tables(root, name, exp, spec, sets, seeds, complete, partial=True)
+
+            left = []
+            for label, extra in entries:
+                mine = [(label, seed) for seed in seeds
+                        if not finished_or_run(root / name / label / f"seed_{seed}", exp["config"],
+                                               sets + extra + [f"seed={seed}"], f"{name}: {label} (seed {seed})")]
+                left += mine
+                if not mine:
+                    write_partial()  # current after each finished method, not only at the end of the pass
+            if left:
+                pending.append(plan_)
+                write_partial()
                 console.print(f"[dim]{name}: waiting for {len(left)} run(s) of another process "
                               f"({', '.join(f'{l}/seed_{s}' for l, s in left[:3])}{' ...' if len(left) > 3 else ''})")
             else:
