@@ -161,7 +161,7 @@ def test_a_study_directory_under_git_keeps_only_its_records(tmp_path):
     tracked = subprocess.run(["git", "-C", str(tmp_path), "ls-files", "--others", "--exclude-standard"],
                              capture_output=True, text=True, check=True).stdout.split()
     assert sorted(tracked) == ["study/.gitignore", "study/exp/fedit/seed_0/config.yaml",
-                               "study/exp/fedit/seed_0/metrics.jsonl", "study/exp/fedit/seed_0/results.json",
+                               "study/exp/fedit/seed_0/results.json",
                                "study/exp/results.md", "study/pilot/seed_0/run_closed_qa.json",
                                "study/pilot/seed_0/summary.json"]
 

@@ -294,14 +294,13 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
         return
     rows, histories, by_label = [], {}, {}
     for label, _ in entries:
-        per_seed = [json.loads((root / name / label / f"seed_{seed}" / "results.json").read_text())["summary"]
-                    for seed in seeds]
+        results = [json.loads((root / name / label / f"seed_{seed}" / "results.json").read_text()) for seed in seeds]
+        per_seed = [r["summary"] for r in results]
         by_label[label] = dict(zip(seeds, per_seed))
         agg = _aggregate_rows(per_seed)
         agg["method"] = label
         rows.append(agg)
-        histories[label] = [json.loads(x) for x in
-                            (root / name / label / f"seed_{seeds[0]}" / "metrics.jsonl").read_text().splitlines()]
+        histories[label] = results[0]["history"]  # the curves of the first seed (results.json holds its rounds)
     table = res.results_table(rows)
     references = exp.get("paired_with", spec.get("paired_with")) or []
     references = [references] if isinstance(references, str) else list(references)

@@ -12,14 +12,14 @@ CLAIM = ".claimed"
 
 RECORDS_GITIGNORE = """\
 # Written by `fedlora study`. Under git, this directory keeps only the small records its tables are built from:
-# a clean checkout then resumes the study where the committed records end. Checkpoints, adapters, snapshots and
-# claims stay out.
+# a clean checkout then resumes the study where the committed records end. Checkpoints, adapters, snapshots,
+# claims and metrics.jsonl (a finished run's results.json holds its rounds; an unfinished run starts again
+# without its checkpoint) stay out.
 *
 !*/
 !.gitignore
 !results.json
 !results.md
-!metrics.jsonl
 !config.yaml
 !partial.json
 !partial.md
