@@ -99,6 +99,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         session = session or Session(base, console)
     run_pilot = bool(spec.get("pilot")) and (not only or "pilot" in only)
     announced: set[Path] = set()
+    ran: set[Path] = set()  # the runs this process ran (not those it found finished)
 
     def finished_or_run(run_dir: Path, config: str, sets: list[str], title: str) -> bool:
         """True once the run is finished (by this process now, or before, or by another process)."""
@@ -121,6 +122,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         run_experiment(session, cfg, run_dir, show_partition=False, resume=ckpt)
         (run_dir / CLAIM).unlink(missing_ok=True)
         announced.add(run_dir)
+        ran.add(run_dir)
         return True
 
     def tuning_step() -> tuple[dict[str, dict] | None, bool]:
@@ -177,8 +179,8 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                         if not finished_or_run(root / name / label / f"seed_{seed}", exp["config"],
                                                sets + extra + [f"seed={seed}"], f"{name}: {label} (seed {seed})")]
                 left += mine
-                if not mine:
-                    write_partial()  # current after each finished method, not only at the end of the pass
+                if not mine and any(root / name / label / f"seed_{seed}" in ran for seed in seeds):
+                    write_partial()  # current once a method this process ran is finished, not only at the end
             if left:
                 pending.append(plan_)
                 write_partial()
@@ -209,21 +211,19 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
 
 
 def _resumable(run_dir: Path, cfg, session):
-    """The newest complete checkpoint of an unfinished run, if it was written with this config and these data
-    (a run stopped mid-way, e.g. by a restarted process, continues from it); else None."""
-    from .checkpoint import CheckpointError, config_difference, open_for_resume
-    from .config import config_from_dict
+    """The newest complete checkpoint of an unfinished run, if `fedlora run --resume` would take it without
+    --force (same config, same data, the in-process runtime); else None: the run starts again."""
+    from .checkpoint import check_resume, open_for_resume
 
     if not (run_dir / "config.yaml").is_file():
         return None
     try:
-        ckpt, _, _ = open_for_resume(run_dir, "study")
-        saved = config_from_dict(yaml.safe_load(ckpt.config_yaml)) if ckpt else None
-    except (CheckpointError, UserError):
+        ckpt, _, finished = open_for_resume(run_dir, "study")
+        if check_resume(run_dir, ckpt, finished, cfg, force=False, label="study", force_hint="it starts again"):
+            return None
+    except UserError:  # CheckpointError among them: no checkpoint, or one of another config
         return None
-    if (ckpt is None or ckpt.state.get("runtime", "in-process") != "in-process"
-            or config_difference(saved.to_dict(), cfg.to_dict()) or ckpt.round >= cfg.federation.rounds
-            or session.data(cfg).fingerprint != ckpt.fingerprint):
+    if ckpt.state.get("runtime", "in-process") != "in-process" or session.data(cfg).fingerprint != ckpt.fingerprint:
         return None
     return ckpt
 
