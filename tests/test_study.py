@@ -108,6 +108,27 @@ def test_study_bad_input_is_one_line(spec, capsys):
         f"error: --only: no experiment 'nope' in {spec / 'spec.yaml'}; it has small, both_refs"]
     assert main(["study", "--spec", str(spec / "missing.yaml")]) == 2
     assert "study spec not found" in capsys.readouterr().err
+    (spec / "bad_order.yaml").write_text((spec / "spec.yaml").read_text().replace(
+        "    description: two methods\n", "    description: two methods\n    order: seed_first\n"))
+    assert main(["study", "--spec", str(spec / "bad_order.yaml")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: study spec {spec / 'bad_order.yaml'}: experiment 'small': order must be one of methods_first, "
+        "seeds_first, not 'seed_first'"]
+
+
+@pytest.mark.parametrize("order", ["methods_first", "seeds_first"])
+def test_an_experiment_takes_its_runs_seed_by_seed_or_method_by_method(spec, capsys, order):
+    (spec / "ordered.yaml").write_text((spec / "spec.yaml").read_text().replace(
+        "    description: two methods\n", f"    description: two methods\n    order: {order}\n"))
+    out = spec / "study"
+    assert main(["study", "--spec", str(spec / "ordered.yaml"), "--out", str(out), "--only", "small"]) == 0
+    printed = capsys.readouterr().out
+    started = sorted((printed.index(f"small: {label} (seed {seed})"), label, seed)
+                     for label in ("fedit", "fedlora_cols") for seed in (0, 1))
+    expected = ([("fedit", 0), ("fedit", 1), ("fedlora_cols", 0), ("fedlora_cols", 1)] if order == "methods_first"
+                else [("fedit", 0), ("fedlora_cols", 0), ("fedit", 1), ("fedlora_cols", 1)])
+    assert [(label, seed) for _, label, seed in started] == expected
+    assert (out / "small" / "results.json").is_file()
 
 
 def test_paired_differences_by_seed():

@@ -1,7 +1,7 @@
 """`fedlora study`: the method study, as a list of experiments, resumable run by run.
 
 A study spec (YAML) names experiments; each is a base config plus `--set` overrides, a list of methods and
-seeds. Every (experiment, method, seed) run writes its own directory; finished runs are skipped, so a study
+seeds, and the order its runs are taken in (`order`: methods_first, the default, or seeds_first). Every (experiment, method, seed) run writes its own directory; finished runs are skipped, so a study
 interrupted (or spread over several GPU leases) is completed by running the same command again. An unfinished
 run continues from its newest checkpoint when one fits its config and data (`output.checkpoint_every`), else it
 starts again.
@@ -30,6 +30,9 @@ from .study_dirs import CLAIM, claim, keep_records_only
 from .tuning import check_tuning, plan, tuned_entry, tuning_table
 
 
+ORDERS = ("methods_first", "seeds_first")  # an experiment's `order`: see _run_order
+
+
 def load_spec(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -44,6 +47,9 @@ def load_spec(path: str) -> dict:
         for key in ("config", "methods"):
             if key not in exp:
                 raise ConfigError(f"study spec {p}: experiment '{name}' has no '{key}'")
+        if exp.get("order", ORDERS[0]) not in ORDERS:
+            raise ConfigError(f"study spec {p}: experiment '{name}': order must be one of {', '.join(ORDERS)}, "
+                              f"not {exp['order']!r}")
     if spec.get("tuning") is not None:
         check_tuning(spec["tuning"], f"study spec {p}")
     return spec
@@ -174,13 +180,14 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                 _write_experiment_tables(root, name, exp, spec, sets, seeds, complete, partial=True)
 
             left = []
-            for label, extra in entries:
-                mine = [(label, seed) for seed in seeds
-                        if not finished_or_run(root / name / label / f"seed_{seed}", exp["config"],
-                                               sets + extra + [f"seed={seed}"], f"{name}: {label} (seed {seed})")]
-                left += mine
-                if not mine and any(root / name / label / f"seed_{seed}" in ran for seed in seeds):
-                    write_partial()  # current once a method this process ran is finished, not only at the end
+            for label, extra, seed in _run_order(exp, entries, seeds):
+                run_dir = root / name / label / f"seed_{seed}"
+                fresh = run_dir not in ran
+                if not finished_or_run(run_dir, exp["config"], sets + extra + [f"seed={seed}"],
+                                       f"{name}: {label} (seed {seed})"):
+                    left.append((label, seed))
+                elif fresh and run_dir in ran:
+                    write_partial()  # current after every run this process finishes, not only at the end
             if left:
                 pending.append(plan_)
                 write_partial()
@@ -248,6 +255,15 @@ def _pilot(spec: dict, root: Path, console: Console) -> str:
     res.atomic_write(root / res.PILOT_DONE, "finished\n")
     (root / "pilot.claim" / CLAIM).unlink(missing_ok=True)
     return "ran"
+
+
+def _run_order(exp: dict, entries: list, seeds: list[int]) -> list[tuple[str, list[str], int]]:
+    """The experiment's runs in the order processes take them: every seed of a method before the next method
+    (`order: methods_first`, the default), or every method at a seed before the next seed (`seeds_first`: in a
+    long experiment, the first seed's comparison is complete long before the last method's seeds are)."""
+    if exp.get("order", "methods_first") == "seeds_first":
+        return [(label, extra, seed) for seed in seeds for label, extra in entries]
+    return [(label, extra, seed) for label, extra in entries for seed in seeds]
 
 
 def _check_entries(plans: list, tuning: dict | None, spec_path: str) -> None:
