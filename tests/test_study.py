@@ -71,7 +71,13 @@ def test_study_runs_every_method_and_seed_then_skips_them(spec, capsys):
     assert not (out / "small" / "fedit" / "seed_1" / "results.json").exists()
     (out / "STOP").unlink()
     assert main(["study", "--spec", str(spec / "spec.yaml"), "--out", str(out)]) == 0
-    assert (out / "small" / "fedit" / "seed_1" / "results.json").is_file()
+    rerun = json.loads((out / "small" / "fedit" / "seed_1" / "results.json").read_text())
+    # a new process reuses the base model's evaluation of a finished run with the same data, seed and settings
+    same_seed = json.loads((out / "small" / "fedlora_cols" / "seed_1" / "results.json").read_text())
+    assert rerun["base_eval"]["reused_from"] == "small/fedlora_cols/seed_1"
+    assert {k: v for k, v in rerun["base_eval"].items() if k != "reused_from"} == same_seed["base_eval"]
+    other_seed = json.loads((out / "small" / "fedlora_cols" / "seed_0" / "results.json").read_text())
+    assert other_seed["base_eval"]["local"] != same_seed["base_eval"]["local"]  # another partition: not reused
 
 
 def test_a_run_stopped_mid_way_resumes_from_its_checkpoint(spec, capsys):

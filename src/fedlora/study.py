@@ -106,6 +106,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     run_pilot = bool(spec.get("pilot")) and (not only or "pilot" in only)
     announced: set[Path] = set()
     ran: set[Path] = set()  # the runs this process ran (not those it found finished)
+    learned: set[Path] = set()  # the finished runs whose base-model evaluation the session has
 
     def finished_or_run(run_dir: Path, config: str, sets: list[str], title: str) -> bool:
         """True once the run is finished (by this process now, or before, or by another process)."""
@@ -120,6 +121,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
             return False  # another live process is running it
         cfg = load_config(config, sets)
         cfg.output.dir = str(run_dir)
+        _learn_base_evals(root, run_dir.parent.parent, session, learned)
         ckpt = _resumable(run_dir, cfg, session)
         if ckpt is None:
             res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run without a checkpoint restarts
@@ -215,6 +217,31 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
+
+
+def _learn_base_evals(root: Path, experiment_dir: Path, session, learned: set[Path]) -> None:
+    """Give the session the base model's evaluation of every finished run of the experiment, by `base_key`.
+
+    A run whose model, data, partition (seed) and evaluation settings match one of them then reuses that
+    evaluation instead of repeating it (the same rows and greedy decoding give the same numbers; in a test run
+    it is about a third of the time). `reused_from` in its `base_eval` names the run that computed it.
+    """
+    from .config import load_config
+    from .runner import base_key
+
+    for done in sorted(experiment_dir.glob("*/seed_*/results.json")):
+        run_dir = done.parent
+        if run_dir in learned or not (run_dir / "config.yaml").is_file():
+            continue
+        learned.add(run_dir)
+        try:
+            base = json.loads(done.read_text()).get("base_eval")
+            key = base_key(load_config(run_dir / "config.yaml"))
+        except (ValueError, UserError):  # a record this version cannot read: that run's base is not reused
+            continue
+        if base and key not in session.base_evals:
+            origin = base.get("reused_from") or run_dir.relative_to(root).as_posix()
+            session.base_evals[key] = {**base, "reused_from": origin}
 
 
 def _resumable(run_dir: Path, cfg, session):
