@@ -20,7 +20,13 @@ MAGDIR_OPTIONS = {"norm_axis_a": "cols", "norm_axis_b": "rows", "b_mag_init": 0.
 X = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
 
+FREE_B = "magdir:free"
+"""The magnitude/direction kind with a free B (b_direction="free"), tested as a kind of its own."""
+
+
 def build(tok, kind, seed=0):
+    if kind == FREE_B:
+        return AdapterModel(tiny_model(len(tok)), "magdir", LORA, seed=seed, **MAGDIR_OPTIONS, b_direction="free")
     return AdapterModel(tiny_model(len(tok)), kind, LORA, seed=seed, **MAGDIR_OPTIONS)
 
 
@@ -29,10 +35,10 @@ def perturbed(state, seed=1):
     return {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in state.items()}
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", [*KINDS, FREE_B])
 def test_state_round_trips_and_release_gives_the_clean_base(tok, kind):
     am = build(tok, kind)
-    assert am.kind == kind and type(am.impl) is KINDS[kind]
+    assert am.kind == kind.split(":")[0] and type(am.impl) is KINDS[am.kind]
     assert list(am.init_state) == list(am.params)
     state = perturbed(am.init_state)
     am.load_state(state)
@@ -59,7 +65,7 @@ def test_components_cover_every_adapter_parameter_exactly_once(tok, kind):
     assert am.set_trainable(["A"] if "A" in naming.components else ["A.dir"]).keys() <= set(naming.components)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", [*KINDS, FREE_B])
 def test_export_loads_with_plain_peft_and_gives_the_same_logits(tok, kind, tmp_path):
     am = build(tok, kind)
     state = perturbed(am.init_state)
@@ -77,7 +83,7 @@ def test_export_loads_with_plain_peft_and_gives_the_same_logits(tok, kind, tmp_p
     assert torch.allclose(theirs, ours, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", [k for k, cls in KINDS.items() if cls.lockstep] + ["dual"])
+@pytest.mark.parametrize("kind", [k for k, cls in KINDS.items() if cls.lockstep] + ["dual", FREE_B])
 def test_factors_of_stacked_states_are_the_stacked_factors(tok, kind):
     am = build(tok, kind)
     states = [perturbed(am.init_state, seed) for seed in (1, 2, 3)]
@@ -116,3 +122,27 @@ def test_for_method_builds_what_the_constructor_builds(tok):
     assert am.kind == "magdir" and am.axes == {"A.dir": "cols", "B.dir": "rows"}
     assert all(torch.equal(v, ref.init_state[k]) for k, v in am.init_state.items())
     assert set(am.components.values()) == set(method.components)
+
+
+def test_a_free_b_starts_as_plain_lora_and_is_no_direction(tok):
+    """b_direction="free": B = diag(B.mag)·B.dir with B.dir PEFT's zero B and gains of 1, so the adapter starts at
+    ΔW = 0 like plain LoRA, and aggregation treats B.dir as a plain tensor (only A.dir has a norm axis)."""
+    am = build(tok, FREE_B)
+    assert am.axes == {"A.dir": "cols"}
+    unit_b = build(tok, "magdir")
+    for k, v in am.init_state.items():
+        if am.components[k] == "B.dir":
+            assert torch.count_nonzero(v) == 0
+        elif am.components[k] == "B.mag":
+            assert torch.equal(v, torch.ones_like(v))
+        else:  # A is the same as the unit form's
+            assert torch.equal(v, unit_b.init_state[k])
+    with torch.no_grad():
+        assert torch.equal(am.model(X).logits, tiny_model(len(tok))(X).logits)
+    state = perturbed(am.init_state)
+    name = next(n for n, _ in am.lora_layers())
+    b_dir = next(v for k, v in state.items() if k.startswith(name + ".") and am.components[k] == "B.dir")
+    b_mag = next(v for k, v in state.items() if k.startswith(name + ".") and am.components[k] == "B.mag")
+    assert torch.allclose(am.impl.factors(state, name)[1], b_mag.unsqueeze(-1) * b_dir)  # not normalized
+    with pytest.raises(ValueError, match="^b_direction must be 'unit' or 'free', got 'loose'$"):
+        AdapterModel(tiny_model(len(tok)), "magdir", LORA, b_direction="loose")

@@ -2,7 +2,7 @@ import torch
 import pytest
 
 from fedlora.config import LoraConfig, MethodConfig
-from fedlora.core.aggregate import ClientUpdate, weighted_mean
+from fedlora.core.aggregate import ClientUpdate, direction_aware_mean, weighted_mean
 from fedlora.core.components import component_of, join, split
 from fedlora.core.magdir import compose, unit, vector_norms
 from fedlora.core.methods import build_method
@@ -59,6 +59,15 @@ def test_magdir_compose_roundtrip_and_axes():
         assert torch.allclose(compose(d, m, axis), w, atol=1e-6)
         assert torch.allclose(vector_norms(d, axis), torch.ones_like(m), atol=1e-6)
     assert vector_norms(w, "rows").shape == (4,) and vector_norms(w, "cols").shape == (6,)
+
+
+def test_only_the_components_with_a_norm_axis_are_averaged_as_directions():
+    b_dir = KEY_B.replace("lora_B.default.weight", "lora_B.default.parametrizations.weight.original0")
+    s1, s2 = {b_dir: torch.tensor([[3.0, 4.0]])}, {b_dir: torch.tensor([[0.0, 1.0]])}
+    unit_mean = direction_aware_mean([s1, s2], [1, 1], {"B.dir": "rows"})[b_dir]
+    assert torch.allclose(unit_mean, unit(torch.tensor([[0.3, 0.9]]), "rows"))  # each made unit first, then the mean
+    free_mean = direction_aware_mean([s1, s2], [1, 1], {})[b_dir]  # a free B (b_direction="free"): no norm axis
+    assert torch.allclose(free_mean, torch.tensor([[1.5, 2.5]]))
 
 
 def test_component_names_and_split_join_roundtrip():

@@ -77,6 +77,9 @@ def test_fedlora_opt_default_has_a_global_b_mag_and_a_personal_offset(tok, base)
     assert not torch.equal(p[0][key], p[1][key])
     local = sim.local_state(0)
     assert torch.allclose(local[key], g[key] + p[0][key])
+    if b_direction == "free":  # the gains started at 1 and B.dir moved as a plain (unnormalized) LoRA B
+        assert torch.allclose(g0[key], torch.ones_like(g0[key])) and not torch.equal(g[key], g0[key])
+        assert sim.am.axes.keys() == {"A.dir"}
     assert all(torch.equal(local[k], g[k]) for k in g if component_of(k) != "B.mag")
     # the offset persists: after another round's global step, the client's B.mag still carries it
     before = {k: v.clone() for k, v in p[0].items()}
@@ -332,11 +335,13 @@ def test_joint_split_equals_two_adam_optimizers():
     assert not torch.allclose(g.detach(), g0)  # it trained
 
 
-def test_joint_pipeline_trains_global_and_personal_b_mag_in_the_same_steps(tok, base):
+@pytest.mark.parametrize("b_direction", ["unit", "free"])
+def test_joint_pipeline_trains_global_and_personal_b_mag_in_the_same_steps(tok, base, b_direction):
     """pipeline=joint: one phase of E_g + E_l steps; the upload carries B.mag's global part, the offset stays home;
-    the server's B.mag moved by s/(1 - s) times the clients' mean offset (s = the global share of the lr)."""
+    the server's B.mag moved by s/(1 - s) times the clients' mean offset (s = the global share of the lr). The same
+    with a free B (B.mag a gain of B's rows)."""
     sim = make_sim(tok, base, "fedlora_opt", "rounds=1", "pipeline=joint", "global_steps=3", "personal_steps=2",
-                   "local_lr_mult=3")
+                   "local_lr_mult=3", f"b_direction={b_direction}")
     ups = record_uploads(sim)
     g0 = {k: v.clone() for k, v in select(sim.server.global_state, {"B.mag"}).items()}
     rec = sim.run()[-1]
@@ -354,6 +359,9 @@ def test_joint_pipeline_trains_global_and_personal_b_mag_in_the_same_steps(tok, 
     assert torch.allclose(g[key] - g0[key], s / (1 - s) * mean_offset, atol=1e-6)
     local = sim.local_state(0)
     assert torch.allclose(local[key], g[key] + p[0][key])
+    if b_direction == "free":  # the gains started at 1 and B.dir moved as a plain (unnormalized) LoRA B
+        assert torch.allclose(g0[key], torch.ones_like(g0[key])) and not torch.equal(g[key], g0[key])
+        assert sim.am.axes.keys() == {"A.dir"}
 
 
 def test_joint_pipeline_needs_an_offset():

@@ -24,14 +24,16 @@ from .model import base_model_id as _base_model_id
 class AdapterModel:
     """A PEFT-wrapped base model for one adapter kind (`lora`, `magdir`, `dora`, `dual`: `adapter_kinds.KINDS`).
 
-    `norm_axis_a`, `norm_axis_b`, `b_mag_init` and `b_dir_init_norm` are the magnitude/direction kind's
-    options (see `MagDirKind`); the other kinds ignore them.
+    `norm_axis_a`, `norm_axis_b`, `b_mag_init`, `b_dir_init_norm` and `b_direction` are the magnitude/direction
+    kind's options (see `MagDirKind`); the other kinds ignore them.
     """
 
     def __init__(self, base_model, kind: str, lora_cfg, *, norm_axis_a="rows", norm_axis_b="rows",
-                 b_mag_init: float = 0.0, b_dir_init_norm: float = 1.0, seed: int = 0, base_name: str = ""):
+                 b_mag_init: float = 0.0, b_dir_init_norm: float = 1.0, b_direction: str = "unit", seed: int = 0,
+                 base_name: str = ""):
         self.impl: AdapterKind = kind_class(kind)(lora_cfg, norm_axis_a=norm_axis_a, norm_axis_b=norm_axis_b,
-                                                  b_mag_init=b_mag_init, b_dir_init_norm=b_dir_init_norm)
+                                                  b_mag_init=b_mag_init, b_dir_init_norm=b_dir_init_norm,
+                                                  b_direction=b_direction)
         self.kind = kind
         self.lora_cfg = lora_cfg
         self.axes = self.impl.axes
@@ -62,7 +64,8 @@ class AdapterModel:
         kind's options from `cfg.method_options`, `cfg.seed` and `cfg.model.name`."""
         mo = cfg.method_options
         return cls(base_model, method.adapter, cfg.lora, norm_axis_a=mo.norm_axis_a, norm_axis_b=mo.norm_axis_b,
-                   b_mag_init=mo.b_mag_init, b_dir_init_norm=mo.b_dir_init_norm, seed=cfg.seed,
+                   b_mag_init=mo.b_mag_init, b_dir_init_norm=mo.b_dir_init_norm, b_direction=mo.b_direction,
+                   seed=cfg.seed,
                    base_name=cfg.model.name)
 
     def lora_layers(self):

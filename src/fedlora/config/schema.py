@@ -264,6 +264,11 @@ class MethodConfig(_Section):
     b_dir_init_norm: float = 1e-3
     """Stored norm of B's initial random direction rows (the forward pass normalizes them; a small value lets
     the first gradients set B's direction, like plain LoRA's zero-initialized B)."""
+    b_direction: Literal["unit", "free"] = "unit"
+    """`unit` (default): B = diag(B.mag)·B.dir/‖B.dir‖, the paper's decomposition. `free` (a research reading,
+    docs/methods.md): B = diag(B.mag)·B.dir with B.dir a plain LoRA factor (zero at init) and B.mag a gain of
+    each row (1 at init), so the shared factors learn as plain LoRA's do and the personal B.mag offset rescales
+    B's rows; b_mag_init and b_dir_init_norm then do not apply."""
     direction_scale: Literal["unit", "keep"] = "keep"
     """After aggregation, direction rows get unit norm (`unit`) or the clients' mean stored norm (`keep`):
     the model is the same either way; `keep` preserves how fast the optimizer can turn a direction."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .components import State, component_of, is_direction
+from .components import State, component_of
 from .magdir import Axis, unit
 
 
@@ -45,11 +45,11 @@ def direction_aware_mean(
     prepared = []
     for s in states:
         prepared.append(
-            {k: unit(v.float(), axes[component_of(k)]) if is_direction(component_of(k)) else v for k, v in s.items()}
+            {k: unit(v.float(), axes[component_of(k)]) if component_of(k) in axes else v for k, v in s.items()}
         )
     mean = weighted_mean(prepared, weights)
-    return {k: unit(v, axes[component_of(k)]) if is_direction(component_of(k)) else v for k, v in mean.items()}
+    return {k: unit(v, axes[component_of(k)]) if component_of(k) in axes else v for k, v in mean.items()}
 
 
 def renormalize_directions(state: Mapping[str, torch.Tensor], axes: Mapping[str, Axis]) -> State:
-    return {k: unit(v, axes[component_of(k)]) if is_direction(component_of(k)) else v for k, v in state.items()}
+    return {k: unit(v, axes[component_of(k)]) if component_of(k) in axes else v for k, v in state.items()}

@@ -68,10 +68,6 @@ def component_of(name: str) -> str:
     raise KeyError(f"parameter {name!r} belongs to no known adapter component")
 
 
-def is_direction(component: str) -> bool:
-    return component.endswith(".dir")
-
-
 def select(state: Mapping[str, torch.Tensor], components: Iterable[str]) -> State:
     """The part of `state` that belongs to `components` (same tensors, no copy)."""
     wanted = set(components)

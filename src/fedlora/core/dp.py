@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from . import robust
-from .components import State, component_of, is_direction
+from .components import State, component_of
 from .magdir import Axis, vector_norms
 
 MODES = ("off", "central", "local")
@@ -166,7 +166,7 @@ def privatize_upload(upload: Mapping[str, torch.Tensor], reference: Mapping[str,
     out = robust.apply_delta(reference, noisy, axes)
     for k, v in out.items():
         c = component_of(k)
-        if is_direction(c):
+        if c in axes:
             norms = vector_norms(reference[k].float(), axes[c])
             out[k] = (v.float() * (norms.unsqueeze(-1) if axes[c] == "rows" else norms.unsqueeze(0))).to(v.dtype)
     return out, was

@@ -102,15 +102,16 @@ def _mult(opts, comps) -> dict[str, float]:
 # --------------------------------------------------------------------------- the methods
 
 
-def lora_matched_multipliers(rank: int) -> dict[str, float]:
+def lora_matched_multipliers(rank: int, b_free: bool = False) -> dict[str, float]:
     """Learning-rate multipliers that make the decomposed factors move as fast as plain LoRA's under Adam.
 
     Adam moves every entry by about lr per step. A LoRA row of B (r entries) then grows by up to
     lr*sqrt(r) per step, while B's magnitude (one number per row) grows by lr: x sqrt(r). PEFT's
     Kaiming-uniform init gives A's rows a norm of 1/sqrt(3), so a unit-norm stored direction turns
-    sqrt(3) times slower than A itself: x sqrt(3). Explicit `lr_mult` entries override these.
+    sqrt(3) times slower than A itself: x sqrt(3). With a free B (`b_free`) B.dir is B itself and B.mag a
+    relative gain: no multiplier. Explicit `lr_mult` entries override these.
     """
-    return {"A.dir": math.sqrt(3.0), "B.mag": math.sqrt(rank)}
+    return {"A.dir": math.sqrt(3.0)} if b_free else {"A.dir": math.sqrt(3.0), "B.mag": math.sqrt(rank)}
 
 
 def fedlora_opt(opts, rank: int = 8) -> Method:
@@ -121,7 +122,7 @@ def fedlora_opt(opts, rank: int = 8) -> Method:
     moves the shared components and the local optimizer moves the personal B.mag offset, both from the same
     forward pass (B.mag = global + offset), so every step serves both the global and the personal model.
     """
-    defaults = lora_matched_multipliers(rank) if opts.lr_match else {}
+    defaults = lora_matched_multipliers(rank, b_free=opts.b_direction == "free") if opts.lr_match else {}
     opts_mult = {**defaults, **opts.lr_mult}
 
     def _m(comps):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .components import State, component_of, is_direction
+from .components import State, component_of
 from .magdir import Axis, unit
 
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
@@ -69,7 +69,7 @@ def _prepared(state: Mapping[str, torch.Tensor], axes: Mapping[str, Axis]) -> St
     out = {}
     for k, v in state.items():
         c = component_of(k)
-        out[k] = unit(v.float(), axes[c]) if is_direction(c) else v.float()
+        out[k] = unit(v.float(), axes[c]) if c in axes else v.float()
     return out
 
 
@@ -156,5 +156,5 @@ def apply_delta(reference: Mapping[str, torch.Tensor], delta: Mapping[str, torch
     for k, d in delta.items():
         v = ref[k] + d
         c = component_of(k)
-        out[k] = (unit(v, axes[c]) if is_direction(c) else v).to(reference[k].dtype)
+        out[k] = (unit(v, axes[c]) if c in axes else v).to(reference[k].dtype)
     return out

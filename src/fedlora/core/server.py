@@ -20,7 +20,7 @@ import torch
 
 from . import dp, robust
 from .aggregate import ClientUpdate, direction_aware_mean, renormalize_directions
-from .components import State, cast_floats, clone, component_of, is_direction, select
+from .components import State, cast_floats, clone, component_of, select
 from .magdir import Axis, vector_norms
 from .methods import Method
 
@@ -186,7 +186,7 @@ class Server:
         out = dict(state)
         for k, v in state.items():
             comp = component_of(k)
-            if not is_direction(comp):
+            if comp not in self.axes:
                 continue
             axis = self.axes[comp]
             norms = sum(w / total * vector_norms(u.state[k].float(), axis) for u, w in zip(good, weights))
