@@ -176,10 +176,9 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                     pending.append(plan_)
                     continue
                 entries = [_tuned_entry(label, extra, winners, name) for label, extra in entries]
-            def write_partial() -> None:  # the methods whose seeds are all finished so far
-                complete = [(label, extra) for label, extra in entries if all(
-                    (root / name / label / f"seed_{seed}" / "results.json").is_file() for seed in seeds)]
-                _write_experiment_tables(root, name, exp, spec, sets, seeds, complete, partial=True)
+            def write_partial() -> None:
+                _write_experiment_tables(root, name, exp, spec, sets, *_finished_so_far(root / name, exp, entries,
+                                                                                         seeds), partial=True)
 
             left = []
             for label, extra, seed in _run_order(exp, entries, seeds):
@@ -327,10 +326,24 @@ def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experim
     return label, list(winners[method]["sets"]) + extra[1:]
 
 
+def _finished_so_far(exp_dir: Path, exp: dict, entries: list, seeds: list[int]) -> tuple[list[int], list]:
+    """(seeds, methods) of an unfinished experiment's partial tables, every method over the same seeds: with
+    `order: methods_first`, the methods whose seeds are all finished; with `seeds_first`, the methods finished at
+    the first seed, over the longest run of seeds that all of them have finished."""
+    def done(label: str, seed: int) -> bool:
+        return (exp_dir / label / f"seed_{seed}" / "results.json").is_file()
+
+    if exp.get("order") != "seeds_first":
+        return seeds, [(label, extra) for label, extra in entries if all(done(label, s) for s in seeds)]
+    shown = [(label, extra) for label, extra in entries if done(label, seeds[0])]
+    k = next((i for i, s in enumerate(seeds) if not all(done(label, s) for label, _ in shown)), len(seeds))
+    return seeds[:k], shown
+
+
 def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets: list[str], seeds: list[int],
                              entries: list[tuple[str, list[str]]], partial: bool = False) -> None:
     """results.md / results.json / plots of one experiment from its runs' results files; with `partial`, of the
-    methods (`entries`) whose runs are all finished so far, into partial.md / partial.json (no plots)."""
+    methods and seeds finished so far (`_finished_so_far`), into partial.md / partial.json / partial_curves.png."""
     from .cli import _aggregate_rows
 
     if partial and not entries:
@@ -357,12 +370,14 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
               "paired_also": {r: p for r, p in paired_by_ref.items() if r != first}}
     if partial:
         res.write_json(root / name / f"{res.PARTIAL}.json", {**record, "methods_finished": list(by_label),
-                                                         "methods": [_method_entry(e)[0] for e in exp["methods"]]})
+                                                         "methods": [_method_entry(e)[0] for e in exp["methods"]],
+                                                         "seeds_planned": exp.get("seeds", spec.get("seeds", [0]))})
         res.atomic_write(root / name / f"{res.PARTIAL}.md", table)
+        res.plot_curves(histories, root / name / f"{res.PARTIAL}_curves.png")
         return
     res.write_json(root / name / "results.json", record)
     (root / name / "results.md").write_text(table)
-    for suffix in (".json", ".md"):
+    for suffix in (".json", ".md", "_curves.png"):
         (root / name / f"{res.PARTIAL}{suffix}").unlink(missing_ok=True)
     res.plot_curves(histories, root / name / "curves.png")
     res.plot_per_client(rows, root / name / "per_client_local.png", seeds)

@@ -3,9 +3,10 @@ the report built only from those copies.
 
 Every number of the report is in a file under DIR (the tuning's and each experiment's results.json/results.md),
 so a document that embeds the report (between the markers below) can be regenerated and checked at any time. An
-experiment whose runs are not all finished is listed with how many are, and with the tables of those of its
-methods whose seeds are all finished, marked PARTIAL (never a method's numbers over some of its seeds); the tuning
-is shown as far as it got, labelled IN PROGRESS.
+experiment whose runs are not all finished is listed with how many are, and with the tables of the methods and
+seeds finished so far, marked PARTIAL: every method shown over the same seeds, which the heading names (those
+whose seeds are all finished, or, in an experiment run seed by seed, the first seeds every shown method has
+finished); the tuning is shown as far as it got, labelled IN PROGRESS.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def publish(spec: dict, spec_path: str, root: Path, out: Path, load) -> str:
             continue
         dest = out / name
         dest.mkdir(exist_ok=True)
-        for suffix in (".json", ".md"):  # the whole table replaces a partial one published earlier
+        for suffix in (".json", ".md", "_curves.png"):  # the whole table replaces a partial one published earlier
             (dest / f"{PARTIAL}{suffix}").unlink(missing_ok=True)
         for f in ("results.json", "results.md", "curves.png", "per_client_local.png"):
             if (root / name / f).is_file():
@@ -79,13 +80,19 @@ def _partial_section(src: Path, dest: Path) -> str:
     if not (src / f"{PARTIAL}.json").is_file():
         return ""
     dest.mkdir(parents=True, exist_ok=True)
-    for suffix in (".json", ".md"):
-        shutil.copyfile(src / f"{PARTIAL}{suffix}", dest / f"{PARTIAL}{suffix}")
+    for suffix in (".json", ".md", "_curves.png"):
+        if (src / f"{PARTIAL}{suffix}").is_file():
+            shutil.copyfile(src / f"{PARTIAL}{suffix}", dest / f"{PARTIAL}{suffix}")
     info = json.loads((dest / f"{PARTIAL}.json").read_text())
     waiting = [m for m in info["methods"] if m not in info["methods_finished"]]
-    return (f"PARTIAL: the methods with all seeds {info['seeds']} finished so far "
-            f"({', '.join(info['methods_finished'])})" + (f"; still running: {', '.join(waiting)}" if waiting else "")
-            + ". The comparisons below are complete for the methods they show.\n\n"
+    planned = info.get("seeds_planned", info["seeds"])
+    seeds = (f"all seeds {info['seeds']}" if info["seeds"] == planned else
+             f"seeds {info['seeds']} of {planned} (the others still to run)")
+    curves = (f" Curves (seed {info['seeds'][0]}): `{(dest / f'{PARTIAL}_curves.png').as_posix()}`."
+              if (dest / f"{PARTIAL}_curves.png").is_file() else "")
+    return (f"PARTIAL: the methods finished so far over {seeds} ({', '.join(info['methods_finished'])})"
+            + (f"; still running: {', '.join(waiting)}" if waiting else "")
+            + f". The comparisons below are complete for the methods and seeds they show.{curves}\n\n"
             + (dest / f"{PARTIAL}.md").read_text())
 
 
