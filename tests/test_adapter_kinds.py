@@ -113,7 +113,7 @@ def test_unknown_kind_is_rejected_with_one_clear_line(tok):
 
 
 def test_for_method_builds_what_the_constructor_builds(tok):
-    mo = MethodConfig(norm_axis_a="cols", b_mag_init=0.3, b_dir_init_norm=0.5)
+    mo = MethodConfig(norm_axis_a="cols", b_mag_init=0.3, b_dir_init_norm=0.5, b_direction="unit")
     cfg = SimpleNamespace(lora=LORA, method_options=mo, seed=5, model=SimpleNamespace(name=""))
     method = build_method("fedlora_opt", mo, rank=LORA.r)
     am = AdapterModel.for_method(tiny_model(len(tok)), method, cfg)

@@ -248,10 +248,11 @@ class MethodConfig(_Section):
     """Default multipliers that make magnitude/direction factors learn as fast as plain LoRA factors
     (A.dir x sqrt(3), B.mag x sqrt(r)); see docs/methods.md."""
     freeze_a_mag: bool = False
-    local_lr_mult: float = 0.3
+    local_lr_mult: float | None = None
     """fedlora_opt: learning-rate multiplier of the local optimizer (of the personal B.mag), on top of
-    train.personal_lr (default train.lr), lr_match and lr_mult; the global optimizer is unchanged. 0.3 is the fair
-    study's tuning winner on validation with pipeline=joint; see docs/methods.md and docs/results.md."""
+    train.personal_lr (default train.lr), lr_match and lr_mult; the global optimizer is unchanged. Default: the fair
+    study's tuning winner on validation for the B form (`TUNED_LOCAL_LR_MULT`): 7 with b_direction=free (local lr
+    3e-2 at shared lr 4.2e-3), 0.3 with b_direction=unit (pipeline=joint); see docs/methods.md, docs/results.md."""
     local_train_b_dir: bool = False
     share_b_dir: bool = True
     """Upload and aggregate B's direction (default). false keeps it on the client next to B.mag, so only A
@@ -264,11 +265,12 @@ class MethodConfig(_Section):
     b_dir_init_norm: float = 1e-3
     """Stored norm of B's initial random direction rows (the forward pass normalizes them; a small value lets
     the first gradients set B's direction, like plain LoRA's zero-initialized B)."""
-    b_direction: Literal["unit", "free"] = "unit"
-    """`unit` (default): B = diag(B.mag)·B.dir/‖B.dir‖, the paper's decomposition. `free` (a research reading,
-    docs/methods.md): B = diag(B.mag)·B.dir with B.dir a plain LoRA factor (zero at init) and B.mag a gain of
+    b_direction: Literal["unit", "free"] = "free"
+    """`free` (default): B = diag(B.mag)·B.dir with B.dir a plain LoRA factor (zero at init) and B.mag a gain of
     each row (1 at init), so the shared factors learn as plain LoRA's do and the personal B.mag offset rescales
-    B's rows; b_mag_init and b_dir_init_norm then do not apply."""
+    B's rows; b_mag_init and b_dir_init_norm then do not apply. `unit`: B = diag(B.mag)·B.dir/‖B.dir‖, the
+    paper's decomposition read literally. free won the fair study's equal tuning on validation (docs/methods.md,
+    "A free B"; docs/results.md)."""
     direction_scale: Literal["unit", "keep"] = "keep"
     """After aggregation, direction rows get unit norm (`unit`) or the clients' mean stored norm (`keep`):
     the model is the same either way; `keep` preserves how fast the optimizer can turn a direction."""
@@ -279,7 +281,7 @@ class MethodConfig(_Section):
 
         self._positive("prox_mu", allow_zero=True)
         self._positive("b_dir_init_norm")
-        self._positive("local_lr_mult")
+        self._positive("local_lr_mult", allow_none=True)
         for comp, mult in self.lr_mult.items():
             if comp not in ALL_COMPONENTS:
                 raise ConfigError(
