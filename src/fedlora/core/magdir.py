@@ -59,18 +59,12 @@ def scale(direction: torch.Tensor, gain: torch.Tensor, axis: Axis) -> torch.Tens
     return direction * gain.unsqueeze(_dim(axis))
 
 
-class GainDirection(nn.Module):
+class GainDirection(MagnitudeDirection):
     """The `free` B of the magnitude/direction kind: W = diag(g) · D with D unnormalized, g a per-row gain.
 
     D then moves as a plain LoRA factor does (zero at init, so the adapter starts at ΔW = 0) and g (1 at init)
     is a relative scale of each row: a personal offset of g rescales the shared rows without turning them.
     """
-
-    def __init__(self, axis: Axis):
-        super().__init__()
-        if axis not in ("rows", "cols"):
-            raise ValueError(f"norm axis must be 'rows' or 'cols', got {axis!r}")
-        self.axis = axis
 
     def forward(self, direction: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         return scale(direction, gain.to(direction.dtype), self.axis)
