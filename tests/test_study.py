@@ -140,17 +140,17 @@ def test_an_experiment_takes_its_runs_seed_by_seed_or_method_by_method(spec, cap
 def test_partial_tables_show_every_method_over_the_same_seeds(tmp_path):
     """methods_first: the methods with every seed finished; seeds_first: the methods finished at the first seed, over
     the seeds all of them have finished (never one method over more seeds than another)."""
-    from fedlora.study import _finished_so_far
+    from fedlora.study_dirs import finished_so_far
 
     entries = [("fedit", []), ("joint", []), ("feddpa", [])]
     for label, seed in [("fedit", 0), ("fedit", 1), ("fedit", 2), ("joint", 0), ("joint", 1), ("feddpa", 1)]:
         (tmp_path / label / f"seed_{seed}").mkdir(parents=True)
         (tmp_path / label / f"seed_{seed}" / "results.json").write_text("{}")
     seeds = [0, 1, 2]
-    assert _finished_so_far(tmp_path, {}, entries, seeds) == (seeds, [("fedit", [])])
-    assert _finished_so_far(tmp_path, {"order": "seeds_first"}, entries, seeds) == ([0, 1], entries[:2])
+    assert finished_so_far(tmp_path, {}, entries, seeds) == (seeds, [("fedit", [])])
+    assert finished_so_far(tmp_path, {"order": "seeds_first"}, entries, seeds) == ([0, 1], entries[:2])
     (tmp_path / "joint" / "seed_1" / "results.json").unlink()
-    assert _finished_so_far(tmp_path, {"order": "seeds_first"}, entries, seeds) == ([0], entries[:2])
+    assert finished_so_far(tmp_path, {"order": "seeds_first"}, entries, seeds) == ([0], entries[:2])
 
 
 def test_paired_differences_by_seed():

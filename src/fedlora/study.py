@@ -26,7 +26,7 @@ from rich.console import Console
 from . import results as res
 from .errors import ConfigError, UserError
 from .paired import paired_differences, paired_table
-from .study_dirs import CLAIM, claim, keep_records_only
+from .study_dirs import CLAIM, claim, finished_so_far, keep_records_only, learn_base_evals
 from .tuning import check_tuning, plan, tuned_entry, tuning_table
 
 
@@ -121,7 +121,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
             return False  # another live process is running it
         cfg = load_config(config, sets)
         cfg.output.dir = str(run_dir)
-        _learn_base_evals(root, run_dir.parent.parent, session, learned)
+        learn_base_evals(root, run_dir.parent.parent, session, learned)
         ckpt = _resumable(run_dir, cfg, session)
         if ckpt is None:
             res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run without a checkpoint restarts
@@ -177,7 +177,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                     continue
                 entries = [_tuned_entry(label, extra, winners, name) for label, extra in entries]
             def write_partial() -> None:
-                _write_experiment_tables(root, name, exp, spec, sets, *_finished_so_far(root / name, exp, entries,
+                _write_experiment_tables(root, name, exp, spec, sets, *finished_so_far(root / name, exp, entries,
                                                                                          seeds), partial=True)
 
             left = []
@@ -216,31 +216,6 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
     res.atomic_write(root / "summary.md", "\n".join(tables))
     print("\n".join(tables))
     return root
-
-
-def _learn_base_evals(root: Path, experiment_dir: Path, session, learned: set[Path]) -> None:
-    """Give the session the base model's evaluation of every finished run of the experiment, by `base_key`.
-
-    A run whose model, data, partition (seed) and evaluation settings match one of them then reuses that
-    evaluation instead of repeating it (the same rows and greedy decoding give the same numbers; in a test run
-    it is about a third of the time). `reused_from` in its `base_eval` names the run that computed it.
-    """
-    from .config import load_config
-    from .runner import base_key
-
-    for done in sorted(experiment_dir.glob("*/seed_*/results.json")):
-        run_dir = done.parent
-        if run_dir in learned or not (run_dir / "config.yaml").is_file():
-            continue
-        learned.add(run_dir)
-        try:
-            base = json.loads(done.read_text()).get("base_eval")
-            key = base_key(load_config(run_dir / "config.yaml"))
-        except (ValueError, UserError):  # a record this version cannot read: that run's base is not reused
-            continue
-        if base and key not in session.base_evals:
-            origin = base.get("reused_from") or run_dir.relative_to(root).as_posix()
-            session.base_evals[key] = {**base, "reused_from": origin}
 
 
 def _resumable(run_dir: Path, cfg, session):
@@ -326,24 +301,10 @@ def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experim
     return label, list(winners[method]["sets"]) + extra[1:]
 
 
-def _finished_so_far(exp_dir: Path, exp: dict, entries: list, seeds: list[int]) -> tuple[list[int], list]:
-    """(seeds, methods) of an unfinished experiment's partial tables, every method over the same seeds: with
-    `order: methods_first`, the methods whose seeds are all finished; with `seeds_first`, the methods finished at
-    the first seed, over the longest run of seeds that all of them have finished."""
-    def done(label: str, seed: int) -> bool:
-        return (exp_dir / label / f"seed_{seed}" / "results.json").is_file()
-
-    if exp.get("order") != "seeds_first":
-        return seeds, [(label, extra) for label, extra in entries if all(done(label, s) for s in seeds)]
-    shown = [(label, extra) for label, extra in entries if done(label, seeds[0])]
-    k = next((i for i, s in enumerate(seeds) if not all(done(label, s) for label, _ in shown)), len(seeds))
-    return seeds[:k], shown
-
-
 def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets: list[str], seeds: list[int],
                              entries: list[tuple[str, list[str]]], partial: bool = False) -> None:
     """results.md / results.json / plots of one experiment from its runs' results files; with `partial`, of the
-    methods and seeds finished so far (`_finished_so_far`), into partial.md / partial.json / partial_curves.png."""
+    methods and seeds finished so far (`study_dirs.finished_so_far`), into partial.md / partial.json / partial_curves.png."""
     from .cli import _aggregate_rows
 
     if partial and not entries:

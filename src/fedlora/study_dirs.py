@@ -1,12 +1,15 @@
 """A study's --out directory, shared by several processes and committed to git: who holds a run (an exclusive
-claim file with the owner's pid; a dead owner's claim is taken over) and which files git keeps (the records)."""
+claim file with the owner's pid; a dead owner's claim is taken over), which files git keeps (the records), and
+what its finished runs already give (partial tables, the base model's evaluation)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from . import results as res
+from .errors import UserError
 
 CLAIM = ".claimed"
 
@@ -74,3 +77,42 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def finished_so_far(exp_dir: Path, exp: dict, entries: list, seeds: list[int]) -> tuple[list[int], list]:
+    """(seeds, methods) of an unfinished experiment's partial tables, every method over the same seeds: with
+    `order: methods_first`, the methods whose seeds are all finished; with `seeds_first`, the methods finished at
+    the first seed, over the longest run of seeds that all of them have finished."""
+    def done(label: str, seed: int) -> bool:
+        return (exp_dir / label / f"seed_{seed}" / "results.json").is_file()
+
+    if exp.get("order") != "seeds_first":
+        return seeds, [(label, extra) for label, extra in entries if all(done(label, s) for s in seeds)]
+    shown = [(label, extra) for label, extra in entries if done(label, seeds[0])]
+    k = next((i for i, s in enumerate(seeds) if not all(done(label, s) for label, _ in shown)), len(seeds))
+    return seeds[:k], shown
+
+
+def learn_base_evals(root: Path, experiment_dir: Path, session, learned: set[Path]) -> None:
+    """Give the session the base model's evaluation of every finished run of the experiment, by `base_key`.
+
+    A run whose model, data, partition (seed) and evaluation settings match one of them then reuses that
+    evaluation instead of repeating it (the same rows and greedy decoding give the same numbers; in a test run
+    it is about a third of the time). `reused_from` in its `base_eval` names the run that computed it.
+    """
+    from .config import load_config
+    from .runner import base_key
+
+    for done in sorted(experiment_dir.glob("*/seed_*/results.json")):
+        run_dir = done.parent
+        if run_dir in learned or not (run_dir / "config.yaml").is_file():
+            continue
+        learned.add(run_dir)
+        try:
+            base = json.loads(done.read_text()).get("base_eval")
+            key = base_key(load_config(run_dir / "config.yaml"))
+        except (ValueError, UserError):  # a record this version cannot read: that run's base is not reused
+            continue
+        if base and key not in session.base_evals:
+            origin = base.get("reused_from") or run_dir.relative_to(root).as_posix()
+            session.base_evals[key] = {**base, "reused_from": origin}
