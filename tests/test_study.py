@@ -168,7 +168,7 @@ def test_run_claims_between_processes(tmp_path):
     import subprocess
     import sys
 
-    from fedlora.study_dirs import CLAIM, claim as _claim
+    from fedlora.study_dirs import CLAIM, CLAIM_WRITE_GRACE_S, claim as _claim, empty_but_claim
 
     run = tmp_path / "exp" / "m" / "seed_0"
     assert _claim(run) and (run / CLAIM).read_text() == str(os.getpid())
@@ -182,6 +182,17 @@ def test_run_claims_between_processes(tmp_path):
         other.wait()
     assert _claim(run)  # its owner is gone: taken over
     assert (run / CLAIM).read_text() == str(os.getpid())
+    # a claim file another process has just created and not yet written its pid into is held, not taken
+    (run / CLAIM).write_text("")
+    assert not _claim(run)
+    old = (run / CLAIM).stat().st_mtime - CLAIM_WRITE_GRACE_S - 1
+    os.utime(run / CLAIM, (old, old))  # still empty long after: left by a crash, taken over
+    assert _claim(run) and (run / CLAIM).read_text() == str(os.getpid())
+    # an unfinished run restarts in its emptied directory without letting go of the claim
+    (run / "checkpoints").mkdir()
+    (run / "metrics.jsonl").write_text("{}")
+    empty_but_claim(run)
+    assert [p.name for p in run.iterdir()] == [CLAIM] and (run / CLAIM).read_text() == str(os.getpid())
 
 
 def test_a_study_directory_under_git_keeps_only_its_records(tmp_path):

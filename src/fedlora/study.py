@@ -26,7 +26,7 @@ from rich.console import Console
 from . import results as res
 from .errors import ConfigError, UserError
 from .paired import paired_differences, paired_table
-from .study_dirs import CLAIM, claim, finished_so_far, keep_records_only, learn_base_evals
+from .study_dirs import CLAIM, claim, empty_but_claim, finished_so_far, keep_records_only, learn_base_evals
 from .tuning import check_tuning, plan, tuned_entry, tuning_table
 
 
@@ -124,8 +124,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         learn_base_evals(root, run_dir.parent.parent, session, learned)
         ckpt = _resumable(run_dir, cfg, session)
         if ckpt is None:
-            res.prepare_run_dir(run_dir, overwrite=True)  # an unfinished run without a checkpoint restarts
-            claim(run_dir)  # prepare_run_dir emptied the directory
+            empty_but_claim(run_dir)  # an unfinished run without a checkpoint restarts; the claim stays put
         console.rule(title + (f", resuming after round {ckpt.round}" if ckpt else ""))
         run_experiment(session, cfg, run_dir, show_partition=False, resume=ckpt)
         (run_dir / CLAIM).unlink(missing_ok=True)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 from . import results as res
 from .errors import UserError
 
 CLAIM = ".claimed"
+CLAIM_WRITE_GRACE_S = 30
+"""An empty claim file younger than this is being written by its owner; an older one was left by a crash."""
 
 RECORDS_GITIGNORE = """\
 # Written by `fedlora study`. Under git, this directory keeps only the small records its tables are built from:
@@ -54,9 +58,13 @@ def claim(run_dir: Path) -> bool:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                owner = int(path.read_text().strip() or 0)
+                text = path.read_text().strip()
+                owner = int(text or 0)
+                fresh = time.time() - path.stat().st_mtime < CLAIM_WRITE_GRACE_S
             except (OSError, ValueError):
-                owner = 0
+                owner, fresh, text = 0, False, "?"
+            if not text and fresh:
+                return False  # created this instant by another process, which is writing its pid now
             if owner == os.getpid():
                 return True
             if owner and alive(owner):
@@ -67,6 +75,18 @@ def claim(run_dir: Path) -> bool:
             f.write(str(os.getpid()))
         return True
     return False
+
+
+def empty_but_claim(run_dir: Path) -> None:
+    """Remove what an unfinished run left in its directory, keeping this process's claim on it (deleting the
+    directory would free the run for another process in the meantime)."""
+    for p in run_dir.iterdir():
+        if p.name == CLAIM:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def alive(pid: int) -> bool:
