@@ -260,7 +260,7 @@ class MethodConfig(_Section):
     share_b_mag: bool = True
     """fedlora_opt: the server holds a global B.mag (trained in the global phase, aggregated) besides each client's
     personal one. false (with personal_mode=persist): no global B.mag; the global model then has B.mag at its
-    initial value 0, i.e. it is the base model (ΔW = 0)."""
+    initial value: 0 with b_direction=unit, i.e. the base model (ΔW = 0); 1 with free (the shared B as it is)."""
     b_mag_init: float = 0.0
     b_dir_init_norm: float = 1e-3
     """Stored norm of B's initial random direction rows (the forward pass normalizes them; a small value lets
