@@ -1,10 +1,10 @@
 """`fedlora study`: the method study, as a list of experiments, resumable run by run.
 
-A study spec (YAML) names experiments; each is a base config plus `--set` overrides, a list of methods and
-seeds, and the order its runs are taken in (`order`: methods_first, the default, or seeds_first). Every (experiment, method, seed) run writes its own directory; finished runs are skipped, so a study
-interrupted (or spread over several GPU leases) is completed by running the same command again. An unfinished
-run continues from its newest checkpoint when one fits its config and data (`output.checkpoint_every`), else it
-starts again.
+A study spec (YAML) names experiments; each is a base config plus `--set` overrides, a list of methods and seeds,
+and the order its runs are taken in (`order`: methods_first, the default, or seeds_first). Every (experiment,
+method, seed) run writes its own directory; finished runs are skipped, so a study interrupted (or spread over
+several GPU leases) is completed by running the same command again. An unfinished run continues from its newest
+checkpoint when one fits its config and data (`output.checkpoint_every`), else it starts again.
 
 Several processes can work on one study (e.g. one per CPU core or GPU, each with `--set threads=1`): each
 run directory is claimed (an exclusive `.claimed` file with the owner's pid) before it runs, so a process skips
@@ -182,12 +182,12 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
             left = []
             for label, extra, seed in _run_order(exp, entries, seeds):
                 run_dir = root / name / label / f"seed_{seed}"
-                fresh = run_dir not in ran
+                ran_before = len(ran)
                 if not finished_or_run(run_dir, exp["config"], sets + extra + [f"seed={seed}"],
                                        f"{name}: {label} (seed {seed})"):
                     left.append((label, seed))
-                elif fresh and run_dir in ran:
-                    write_partial()  # current after every run this process finishes, not only at the end
+                elif len(ran) > ran_before:  # this process just ran it: the partial tables are current after
+                    write_partial()          # every run it finishes, not only at the end
             if left:
                 pending.append(plan_)
                 write_partial()
@@ -303,7 +303,8 @@ def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experim
 def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets: list[str], seeds: list[int],
                              entries: list[tuple[str, list[str]]], partial: bool = False) -> None:
     """results.md / results.json / plots of one experiment from its runs' results files; with `partial`, of the
-    methods and seeds finished so far (`study_dirs.finished_so_far`), into partial.md / partial.json / partial_curves.png."""
+    methods and seeds finished so far (`study_dirs.finished_so_far`), into partial.md / partial.json /
+    partial_curves.png."""
     from .cli import _aggregate_rows
 
     if partial and not entries:

@@ -61,8 +61,8 @@ def claim(run_dir: Path) -> bool:
                 text = path.read_text().strip()
                 owner = int(text or 0)
                 fresh = time.time() - path.stat().st_mtime < CLAIM_WRITE_GRACE_S
-            except (OSError, ValueError):
-                owner, fresh, text = 0, False, "?"
+            except (OSError, ValueError):  # vanished or garbled: treated as a dead owner's
+                owner, fresh, text = 0, False, ""
             if not text and fresh:
                 return False  # created this instant by another process, which is writing its pid now
             if owner == os.getpid():

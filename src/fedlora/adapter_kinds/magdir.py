@@ -1,6 +1,7 @@
 """Magnitude/direction LoRA: A = diag(A_M)·A_D and B = diag(B_M)·B_D (with "rows"; "cols" scales columns).
 
-B_D is a unit direction (`b_direction="unit"`, the default) or a free factor with B_M a gain (`"free"`).
+B_D is a unit direction (`b_direction="unit"`, the paper read literally and this class's default) or a free
+factor with B_M a gain (`"free"`, the default of `method_options.b_direction`, which the fair study's tuning chose).
 
 Installed with `torch.nn.utils.parametrize` over PEFT's lora_A/lora_B weights (`core.magdir`), so PEFT keeps
 injection and forward; the stored direction (`original0`) and magnitude (`original1`) are the parameters.
@@ -46,7 +47,8 @@ class MagDirKind(AdapterKind):
         return scale(direction, magnitude, axis) if self.b_free else compose(direction, magnitude, axis)
 
     def install(self, model, peft_config):
-        """A = diag(A_M)·A_D from PEFT's init; B = diag(B_M)·B_D with random B_D and B_M = b_mag_init."""
+        """A = diag(A_M)·A_D from PEFT's init; B = diag(B_M)·B_D with random unit B_D and B_M = b_mag_init, or
+        (free) PEFT's zero B_D and gains of 1."""
         for _, layer in lora_layers(model):
             a_lin, b_lin = layer.lora_A["default"], layer.lora_B["default"]
             parametrize.register_parametrization(a_lin, "weight", MagnitudeDirection(self._axes["A.dir"]))
