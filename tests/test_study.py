@@ -310,7 +310,9 @@ def _tuning_spec(spec, budget=3, split="validation"):
         "experiments:\n"
         f"  test:\n    config: {base}\n    tuned: tune\n"
         "    methods: [fedit, fedlora_opt, {label: no_local, method: fedlora_opt, set: [train.personal_steps=0]},\n"
-        "              {label: fedlora_joint, method: fedlora_opt}]\n")
+        "              {label: fedlora_joint, method: fedlora_opt},\n"
+        "              {label: joint_all_shared, method: fedlora_opt, tuned_as: fedlora_joint,\n"
+        "               set: [method_options.pipeline=sequential, train.personal_steps=0]}]\n")
     return spec / "tuned.yaml"
 
 
@@ -349,6 +351,11 @@ def test_tuning_equal_budget_stages_and_winners_run_on_test(spec, capsys):
         assert pipeline is None or cfg["method_options"]["pipeline"] == pipeline
     assert yaml.safe_load((out / "test" / "no_local" / "seed_0" / "config.yaml").read_text()
                           )["train"]["personal_steps"] == 0
+    # an ablation of the second reading (tuned_as): that reading's winning values, then its own change
+    cfg = yaml.safe_load((out / "test" / "joint_all_shared" / "seed_0" / "config.yaml").read_text())
+    sets = dict(s.split("=", 1) for s in tune["winners"]["fedlora_joint"]["sets"])
+    assert cfg["train"]["lr"] == pytest.approx(float(sets["train.lr"]))
+    assert cfg["train"]["personal_steps"] == 0 and cfg["method_options"]["pipeline"] == "sequential"
     assert "**winner**" in (out / "summary.md").read_text()
 
     # published: the result files copied, the report built from the copies, embedded between a doc's markers
@@ -382,16 +389,23 @@ def test_tuning_refuses_unequal_budgets_and_the_test_split(spec, capsys):
     # an entry that cannot build with its tuning entry's fixed overrides fails before anything runs
     path = _tuning_spec(spec)
     path.write_text(path.read_text().replace(
-        "{label: fedlora_joint, method: fedlora_opt}]",
+        "{label: fedlora_joint, method: fedlora_opt},",
         "{label: fedlora_joint, method: fedlora_opt},\n              "
         "{label: bad, method: fedlora_opt,\n"
-        "               set: [method_options.pipeline=joint, method_options.personal_mode=persist]}]").replace(
+        "               set: [method_options.pipeline=joint, method_options.personal_mode=persist]},").replace(
         "{label: no_local,", "{label: fine, method: fedlora_opt, set: [method_options.personal_mode=reset]},\n"
         "              {label: no_local,"))
     assert main(["study", "--spec", str(path), "--out", str(spec / "o2")]) == 2
     assert capsys.readouterr().err.strip().startswith(
         f"error: study spec {path}: experiment 'test', bad: method_options: fedlora_opt: ")
     assert not (spec / "o2" / "tune").exists()
+    # tuned_as must name an entry of the experiment's tuning
+    path = _tuning_spec(spec)
+    path.write_text(path.read_text().replace("tuned_as: fedlora_joint", "tuned_as: fedlora_jiont"))
+    assert main(["study", "--spec", str(path), "--out", str(spec / "o3")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: study spec {path}: experiment 'test', joint_all_shared: tuned_as: 'fedlora_jiont' is not an entry "
+        "of this experiment's tuning")
 
 
 def test_paired_confidence_interval_is_the_t_interval():

@@ -1,9 +1,11 @@
 """`fedlora study`: the method study, as a list of experiments, resumable run by run.
 
 A study spec (YAML) names experiments; each is a base config plus `--set` overrides, a list of methods and seeds,
-and the order its runs are taken in (`order`: methods_first, the default, or seeds_first). Every (experiment,
-method, seed) run writes its own directory; finished runs are skipped, so a study interrupted (or spread over
-several GPU leases) is completed by running the same command again. An unfinished run continues from its newest
+and the order its runs are taken in (`order`: methods_first, the default, or seeds_first). An experiment `tuned` by
+the spec's tuning runs each method entry at the winning values of the tuning entry its `tuned_as` names (an
+ablation of a second reading), else of the one named like its label, else of its method's; then its own `set`.
+Every (experiment, method, seed) run writes its own directory; finished runs are skipped, so a study interrupted (or
+spread over several GPU leases) is completed by running the same command again. An unfinished run continues from its newest
 checkpoint when one fits its config and data (`output.checkpoint_every`), else it starts again.
 
 Several processes can work on one study (e.g. one per CPU core or GPU, each with `--set threads=1`): each
@@ -174,7 +176,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                 if winners is None:
                     pending.append(plan_)
                     continue
-                entries = [_tuned_entry(label, extra, winners, name) for label, extra in entries]
+                entries = [_tuned_entry(e, le, winners, name) for e, le in zip(exp["methods"], entries)]
             def write_partial() -> None:
                 _write_experiment_tables(root, name, exp, spec, sets, *finished_so_far(root / name, exp, entries,
                                                                                          seeds), partial=True)
@@ -273,10 +275,14 @@ def _check_entries(plans: list, tuning: dict | None, spec_path: str) -> None:
     from .config import load_config
 
     for name, exp, sets, _, entries in plans:
-        for label, extra in entries:
+        for entry, (label, extra) in zip(exp["methods"], entries):
             fixed: list[str] = []
+            tuned_as = entry.get("tuned_as") if isinstance(entry, dict) else None
+            if tuned_as is not None and not (exp.get("tuned") and tuning and tuned_as in tuning["methods"]):
+                raise ConfigError(f"study spec {spec_path}: experiment '{name}', {label}: tuned_as: {tuned_as!r} is "
+                                  f"not an entry of this experiment's tuning")
             if exp.get("tuned") and tuning:
-                key = _tuning_key(label, extra, tuning["methods"])
+                key = _tuning_key(entry, tuning["methods"])
                 if key in tuning["methods"]:
                     fixed = tuned_entry(tuning, key)[1]
             try:
@@ -285,16 +291,22 @@ def _check_entries(plans: list, tuning: dict | None, spec_path: str) -> None:
                 raise ConfigError(f"study spec {spec_path}: experiment '{name}', {label}: {e}") from None
 
 
-def _tuning_key(label: str, extra: list[str], names) -> str:
-    """The tuning entry an experiment's method entry takes its values from: the one named like its label (a second
-    reading, e.g. fedlora_joint), else its method's (extra[0] is `method=...`)."""
+def _tuning_key(entry, names) -> str:
+    """The tuning entry an experiment's method entry takes its values from: the one it names with `tuned_as` (an
+    ablation of a second reading), else the one named like its label (a second reading, e.g. fedlora_joint), else
+    its method's."""
+    label, extra = _method_entry(entry)
+    if isinstance(entry, dict) and "tuned_as" in entry:
+        return entry["tuned_as"]
     return label if label in names else extra[0].split("=", 1)[1]
 
 
-def _tuned_entry(label: str, extra: list[str], winners: dict[str, dict], experiment: str) -> tuple[str, list[str]]:
-    """A method entry of a tuned experiment: the winning overrides of the tuning entry named like its label (a
-    second reading, e.g. fedlora_joint), else of its method; then the entry's own (an ablation)."""
-    method = _tuning_key(label, extra, winners)
+def _tuned_entry(entry, label_extra: tuple[str, list[str]], winners: dict[str, dict],
+                 experiment: str) -> tuple[str, list[str]]:
+    """A method entry of a tuned experiment: the winning overrides of its tuning entry (`_tuning_key`), then the
+    entry's own (an ablation)."""
+    label, extra = label_extra
+    method = _tuning_key(entry, winners)
     if method not in winners:
         raise ConfigError(f"study spec: experiment '{experiment}' runs {method}, which the tuning does not tune")
     return label, list(winners[method]["sets"]) + extra[1:]
@@ -345,7 +357,8 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
 
 
 def _method_entry(entry) -> tuple[str, list[str]]:
-    """`fedit` or {label: ..., method: ..., set: [...]} for a variant of a method."""
+    """`fedit` or {label: ..., method: ..., set: [...], tuned_as: ...} for a variant of a method (`tuned_as`: the
+    tuning entry whose winner it starts from, when that is not its label's or its method's)."""
     if isinstance(entry, str):
         return entry, [f"method={entry}"]
     if not isinstance(entry, dict) or "method" not in entry:
