@@ -450,3 +450,33 @@ def test_the_pilot_study_is_part_of_the_spec(spec, capsys):
     assert main(["study", "--spec", str(path), "--out", str(out), "--publish", str(pub)]) == 0
     report = capsys.readouterr().out
     assert (pub / "pilot" / "summary.md").read_text() in report and "Not finished: 0 of 4 runs done" in report
+
+
+def test_two_processes_share_the_pilot_seed_by_seed(spec, capsys):
+    """Each seed is claimed on its own: a seed another live process holds is left to it, the others run; the
+    summary over the seeds is written once every seed is done."""
+    import os
+
+    from rich.console import Console
+
+    from fedlora.results import PILOT_DONE
+    from fedlora.study import _pilot
+    from fedlora.study_dirs import CLAIM
+
+    args = ["--set", f"model.name={spec / 'tiny'}", "--set", f"data.path={DOLLY}", "--set", "max_length=64",
+            "--set", "train.batch_size=2", "--set", "model.threads=1", "--groups", "closed_qa",
+            "--seeds", "0,1", "--steps", 2, "--every", 1, "--perturb-at", "none"]
+    out = spec / "study"
+    held = out / "pilot.claim" / "seed_1"
+    held.mkdir(parents=True)
+    (held / CLAIM).write_text(str(os.getppid()))  # a live process that is not this one
+    console = Console()
+    assert _pilot({"pilot": {"args": args}}, out, console) == "ran"
+    assert (out / "pilot" / "seed_0" / "summary.json").is_file()
+    assert not (out / "pilot" / "seed_1").exists() and not (out / PILOT_DONE).exists()
+    assert _pilot({"pilot": {"args": args}}, out, console) == "held"  # only seed 1 is left, and it is held
+    (held / CLAIM).unlink()  # its owner gave it up
+    assert _pilot({"pilot": {"args": args}}, out, console) == "ran"
+    assert json.loads((out / "pilot" / "summary.json").read_text())["seeds"] == [0, 1]
+    assert (out / PILOT_DONE).is_file() and _pilot({"pilot": {"args": args}}, out, console) == "done"
+    capsys.readouterr()

@@ -239,23 +239,46 @@ def _resumable(run_dir: Path, cfg, session):
 
 def _pilot(spec: dict, root: Path, console: Console) -> str:
     """The spec's pilot study (`fedlora analyze sensitivity` with the spec's `pilot.args`, into <out>/pilot):
-    "ran" (by this process, now), "done" (before), "held" (another live process runs it). The command resumes by
-    (seed, group) on its own."""
+    "ran" (by this process, now), "done" (before), "held" (other live processes run what is left of it).
+
+    Several processes share it seed by seed: each claims a seed (<out>/pilot.claim/seed_<s>) and runs the command
+    with `--seeds <s>`; the command resumes by (seed, group) on its own. Once every seed is done, one run of the
+    whole command (every group of every seed already done: no training) writes the summary over the seeds."""
+    from .analysis.seeds import parse_seeds
     from .cli import main as cli_main
 
     if (root / res.PILOT_DONE).is_file():
         return "done"
-    if (root / STOP).exists():
-        raise StudyStopped(f"study: {root / STOP} exists, so the pilot study does not start (delete it to go on)")
-    if not claim(root / "pilot.claim"):
-        return "held"
     args = [str(a) for a in spec["pilot"]["args"]]  # YAML reads 300 and 0.1 as numbers
-    console.rule("pilot: fedlora analyze sensitivity " + " ".join(args))
-    code = cli_main(["analyze", "sensitivity", *args, "--out", str(root / "pilot")])
-    if code != 0:
-        raise UserError(f"study: the pilot study failed (exit {code}); see its error above")
+    at = args.index("--seeds") + 1 if "--seeds" in args else None
+    seeds = parse_seeds(args[at]) if at is not None and at < len(args) else None
+
+    def run(claim_name: str, command: list[str]) -> bool:
+        """Run the command under a claim; False when another live process holds the claim."""
+        if (root / STOP).exists():
+            raise StudyStopped(f"study: {root / STOP} exists, so the pilot study does not go on (delete it to go on)")
+        if not claim(root / "pilot.claim" / claim_name):
+            return False
+        console.rule("pilot: fedlora analyze sensitivity " + " ".join(command))
+        code = cli_main(["analyze", "sensitivity", *command, "--out", str(root / "pilot")])
+        if code != 0:
+            raise UserError(f"study: the pilot study failed (exit {code}); see its error above")
+        (root / "pilot.claim" / claim_name / CLAIM).unlink(missing_ok=True)
+        return True
+
+    held, ran = False, False
+    for seed in seeds if seeds and len(seeds) > 1 else []:
+        if (root / "pilot" / f"seed_{seed}" / "summary.json").is_file():
+            continue  # this seed's every group is done
+        if run(f"seed_{seed}", args[:at] + [str(seed)] + args[at + 1:]):
+            ran = True
+        else:
+            held = True
+    if held:
+        return "ran" if ran else "held"
+    if not run("all", args):
+        return "ran" if ran else "held"
     res.atomic_write(root / res.PILOT_DONE, "finished\n")
-    (root / "pilot.claim" / CLAIM).unlink(missing_ok=True)
     return "ran"
 
 
