@@ -176,7 +176,7 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                 if winners is None:
                     pending.append(plan_)
                     continue
-                entries = [_tuned_entry(e, le, winners, name) for e, le in zip(exp["methods"], entries)]
+                entries = [_tuned_entry(e, winners, name) for e in exp["methods"]]
             def write_partial() -> None:
                 _write_experiment_tables(root, name, exp, spec, sets, *finished_so_far(root / name, exp, entries,
                                                                                          seeds), partial=True)
@@ -324,11 +324,10 @@ def _tuning_key(entry, names) -> str:
     return label if label in names else extra[0].split("=", 1)[1]
 
 
-def _tuned_entry(entry, label_extra: tuple[str, list[str]], winners: dict[str, dict],
-                 experiment: str) -> tuple[str, list[str]]:
+def _tuned_entry(entry, winners: dict[str, dict], experiment: str) -> tuple[str, list[str]]:
     """A method entry of a tuned experiment: the winning overrides of its tuning entry (`_tuning_key`), then the
     entry's own (an ablation)."""
-    label, extra = label_extra
+    label, extra = _method_entry(entry)
     method = _tuning_key(entry, winners)
     if method not in winners:
         raise ConfigError(f"study spec: experiment '{experiment}' runs {method}, which the tuning does not tune")
