@@ -22,39 +22,14 @@ import json
 import time
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
 from . import results as res
 from .errors import ConfigError, UserError
 from .paired import paired_differences, paired_table
 from .study_dirs import CLAIM, claim, empty_but_claim, finished_so_far, keep_records_only, learn_base_evals
-from .tuning import check_tuning, plan, tuned_entry, tuning_table
-
-
-ORDERS = ("methods_first", "seeds_first")  # an experiment's `order`: see _run_order
-
-
-def load_spec(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study spec not found: {p}")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"study spec {p} is not valid YAML") from None
-    if not isinstance(spec.get("experiments"), dict) or not spec["experiments"]:
-        raise ConfigError(f"study spec {p}: needs a non-empty 'experiments' mapping")
-    for name, exp in spec["experiments"].items():
-        for key in ("config", "methods"):
-            if key not in exp:
-                raise ConfigError(f"study spec {p}: experiment '{name}' has no '{key}'")
-        if exp.get("order", ORDERS[0]) not in ORDERS:
-            raise ConfigError(f"study spec {p}: experiment '{name}': order must be one of {', '.join(ORDERS)}, "
-                              f"not {exp['order']!r}")
-    if spec.get("tuning") is not None:
-        check_tuning(spec["tuning"], f"study spec {p}")
-    return spec
+from .study_spec import check_entries, load_spec, method_entry, run_order, tuned_method_entry
+from .tuning import plan, tuning_table
 
 
 STOP = "STOP"
@@ -98,8 +73,8 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         if exp.get("tuned") and (not tuning or exp["tuned"] != tuning["name"]):
             raise ConfigError(f"study spec {spec_path}: experiment '{name}' is tuned by '{exp['tuned']}', which is "
                               "not the spec's tuning")
-        plans.append((name, exp, sets, seeds, [_method_entry(e) for e in exp["methods"]]))
-    _check_entries(plans, tuning, spec_path)
+        plans.append((name, exp, sets, seeds, [method_entry(e) for e in exp["methods"]]))
+    check_entries(plans, tuning, spec_path)
     tune_sets = list((tuning or {}).get("set", [])) + quick_sets + list(overrides or [])
     run_tuning = bool(tuning) and (not only or tuning["name"] in only or any(p[1].get("tuned") for p in plans))
     if run_tuning:
@@ -176,13 +151,13 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                 if winners is None:
                     pending.append(plan_)
                     continue
-                entries = [_tuned_entry(e, winners, name) for e in exp["methods"]]
+                entries = [tuned_method_entry(e, winners, name) for e in exp["methods"]]
             def write_partial() -> None:
                 _write_experiment_tables(root, name, exp, spec, sets, *finished_so_far(root / name, exp, entries,
                                                                                          seeds), partial=True)
 
             left = []
-            for label, extra, seed in _run_order(exp, entries, seeds):
+            for label, extra, seed in run_order(exp, entries, seeds):
                 run_dir = root / name / label / f"seed_{seed}"
                 ran_before = len(ran)
                 if not finished_or_run(run_dir, exp["config"], sets + extra + [f"seed={seed}"],
@@ -282,58 +257,6 @@ def _pilot(spec: dict, root: Path, console: Console) -> str:
     return "ran"
 
 
-def _run_order(exp: dict, entries: list, seeds: list[int]) -> list[tuple[str, list[str], int]]:
-    """The experiment's runs in the order processes take them: every seed of a method before the next method
-    (`order: methods_first`, the default), or every method at a seed before the next seed (`seeds_first`: in a
-    long experiment, the first seed's comparison is complete long before the last method's seeds are)."""
-    if exp.get("order", "methods_first") == "seeds_first":
-        return [(label, extra, seed) for seed in seeds for label, extra in entries]
-    return [(label, extra, seed) for label, extra in entries for seed in seeds]
-
-
-def _check_entries(plans: list, tuning: dict | None, spec_path: str) -> None:
-    """Every method entry of every experiment builds a valid config, a tuned one with its tuning entry's fixed
-    overrides (the winner's learning rates cannot make a config invalid): a bad ablation fails now, with one line,
-    not hours into the study."""
-    from .config import load_config
-
-    for name, exp, sets, _, entries in plans:
-        for entry, (label, extra) in zip(exp["methods"], entries):
-            fixed: list[str] = []
-            tuned_as = entry.get("tuned_as") if isinstance(entry, dict) else None
-            if tuned_as is not None and not (exp.get("tuned") and tuning and tuned_as in tuning["methods"]):
-                raise ConfigError(f"study spec {spec_path}: experiment '{name}', {label}: tuned_as: {tuned_as!r} is "
-                                  f"not an entry of this experiment's tuning")
-            if exp.get("tuned") and tuning:
-                key = _tuning_key(entry, tuning["methods"])
-                if key in tuning["methods"]:
-                    fixed = tuned_entry(tuning, key)[1]
-            try:
-                load_config(exp["config"], sets + extra[:1] + fixed + extra[1:])
-            except ConfigError as e:
-                raise ConfigError(f"study spec {spec_path}: experiment '{name}', {label}: {e}") from None
-
-
-def _tuning_key(entry, names) -> str:
-    """The tuning entry an experiment's method entry takes its values from: the one it names with `tuned_as` (an
-    ablation of a second reading), else the one named like its label (a second reading, e.g. fedlora_joint), else
-    its method's."""
-    label, extra = _method_entry(entry)
-    if isinstance(entry, dict) and "tuned_as" in entry:
-        return entry["tuned_as"]
-    return label if label in names else extra[0].split("=", 1)[1]
-
-
-def _tuned_entry(entry, winners: dict[str, dict], experiment: str) -> tuple[str, list[str]]:
-    """A method entry of a tuned experiment: the winning overrides of its tuning entry (`_tuning_key`), then the
-    entry's own (an ablation)."""
-    label, extra = _method_entry(entry)
-    method = _tuning_key(entry, winners)
-    if method not in winners:
-        raise ConfigError(f"study spec: experiment '{experiment}' runs {method}, which the tuning does not tune")
-    return label, list(winners[method]["sets"]) + extra[1:]
-
-
 def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets: list[str], seeds: list[int],
                              entries: list[tuple[str, list[str]]], partial: bool = False) -> None:
     """results.md / results.json / plots of one experiment from its runs' results files; with `partial`, of the
@@ -365,7 +288,7 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
               "paired_also": {r: p for r, p in paired_by_ref.items() if r != first}}
     if partial:
         res.write_json(root / name / f"{res.PARTIAL}.json", {**record, "methods_finished": list(by_label),
-                                                         "methods": [_method_entry(e)[0] for e in exp["methods"]],
+                                                         "methods": [method_entry(e)[0] for e in exp["methods"]],
                                                          "seeds_planned": exp.get("seeds", spec.get("seeds", [0]))})
         res.atomic_write(root / name / f"{res.PARTIAL}.md", table)
         res.plot_curves(histories, root / name / f"{res.PARTIAL}_curves.png")
@@ -376,16 +299,6 @@ def _write_experiment_tables(root: Path, name: str, exp: dict, spec: dict, sets:
         (root / name / f"{res.PARTIAL}{suffix}").unlink(missing_ok=True)
     res.plot_curves(histories, root / name / "curves.png")
     res.plot_per_client(rows, root / name / "per_client_local.png", seeds)
-
-
-def _method_entry(entry) -> tuple[str, list[str]]:
-    """`fedit` or {label: ..., method: ..., set: [...], tuned_as: ...} for a variant of a method (`tuned_as`: the
-    tuning entry whose winner it starts from, when that is not its label's or its method's)."""
-    if isinstance(entry, str):
-        return entry, [f"method={entry}"]
-    if not isinstance(entry, dict) or "method" not in entry:
-        raise ConfigError(f"study spec: a method entry must be a name or a mapping with 'method', got {entry!r}")
-    return entry.get("label", entry["method"]), [f"method={entry['method']}"] + list(entry.get("set", []))
 
 
 def register(sub) -> None:
