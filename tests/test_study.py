@@ -291,6 +291,50 @@ def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_p
     assert "PARTIAL" not in (pub / "README.md").read_text() and not (pub / "first" / "partial.md").exists()
 
 
+def test_an_experiment_finished_by_another_process_is_tabled_at_once(spec, tmp_path):
+    """When another process finishes the last run of an experiment this process passed, its final tables are
+    written after this process's next run, not only after every later experiment."""
+    import shutil
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from fedlora.study_dirs import CLAIM
+
+    three = spec / "three.yaml"
+    three.write_text(
+        "seeds: [0]\nexperiments:\n"
+        f"  first:\n    config: {spec / 'base.yaml'}\n    methods: [ffa, fedit]\n"
+        f"  second:\n    config: {spec / 'base.yaml'}\n    methods: [fedsa]\n"
+        f"  third:\n    config: {spec / 'base.yaml'}\n    methods: [fedit]\n")
+    out = tmp_path / "closed"
+    held = out / "first" / "fedit" / "seed_0"
+    held.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    (held / CLAIM).write_text(str(holder.pid))
+
+    def other_process_finishes_the_held_run():
+        # once this process has moved on to the second experiment, the holder "finishes" its run
+        deadline = time.time() + 300
+        while not (out / "second" / "fedsa" / "seed_0" / CLAIM).is_file() and time.time() < deadline:
+            time.sleep(0.01)
+        shutil.copy(out / "first" / "ffa" / "seed_0" / "results.json", held / "results.json")
+        holder.kill()
+
+    helper = threading.Thread(target=other_process_finishes_the_held_run)
+    helper.start()
+    try:
+        assert main(["study", "--spec", str(three), "--out", str(out), "--set", "threads=1"]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+        helper.join(timeout=300)
+    first_tables = (out / "first" / "results.md").stat().st_mtime
+    assert not (out / "first" / "partial.md").exists()
+    assert first_tables < (out / "third" / "fedit" / "seed_0" / "results.json").stat().st_mtime
+
+
 def _tuning_spec(spec, budget=3, split="validation"):
     base = spec / "base.yaml"
     text = base.read_text().replace("global_test_per_label: 2}", "global_test_per_label: 2, validation_fraction: 0.2}")

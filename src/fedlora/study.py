@@ -145,6 +145,19 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
         if run_tuning and winners is None:
             winners, waiting = tuning_step()
         pending = []
+        waiting: list[tuple] = []  # (plan, entries): experiments this pass left to runs of another process
+
+        def close_waiting() -> None:
+            """The final tables of an experiment passed earlier in this pass, as soon as another process has
+            finished its last run, not on this process's next pass (after every later experiment)."""
+            for item in list(waiting):
+                (w_name, w_exp, w_sets, w_seeds, _), w_entries = item
+                if all((root / w_name / label / f"seed_{seed}" / "results.json").is_file()
+                       for label, _, seed in run_order(w_exp, w_entries, w_seeds)):
+                    _write_experiment_tables(root, w_name, w_exp, spec, w_sets, w_seeds, w_entries)
+                    waiting.remove(item)
+                    pending.remove(item[0])
+
         for plan_ in plans:
             name, exp, sets, seeds, entries = plan_
             if exp.get("tuned"):
@@ -165,8 +178,10 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
                     left.append((label, seed))
                 elif len(ran) > ran_before:  # this process just ran it: the partial tables are current after
                     write_partial()          # every run it finishes, not only at the end
+                    close_waiting()
             if left:
                 pending.append(plan_)
+                waiting.append((plan_, entries))
                 write_partial()
                 console.print(f"[dim]{name}: waiting for {len(left)} run(s) of another process "
                               f"({', '.join(f'{l}/seed_{s}' for l, s in left[:3])}{' ...' if len(left) > 3 else ''})")
