@@ -240,15 +240,24 @@ def test_two_processes_share_one_study(spec, tmp_path):
     assert all("Paired by seed against fedit" in log for log in logs)
 
 
+def _held_run(run_dir, seconds: int):
+    """A run claimed by another live process (a sleeping child whose pid is in the claim): (run dir, process)."""
+    import subprocess
+    import sys
+
+    from fedlora.study_dirs import CLAIM
+
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    (run_dir / CLAIM).write_text(str(holder.pid))
+    return run_dir, holder
+
+
 def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_path):
     """While another live process holds one run of the first experiment, this process runs the second
     experiment's runs; when the holder dies, it takes the run over and writes the first experiment's tables."""
-    import subprocess
-    import sys
     import threading
     import time
-
-    from fedlora.study_dirs import CLAIM
 
     two = spec / "two.yaml"
     two.write_text(
@@ -256,10 +265,7 @@ def test_a_run_held_elsewhere_does_not_hold_up_the_other_experiments(spec, tmp_p
         f"  first:\n    config: {spec / 'base.yaml'}\n    methods: [fedit, ffa]\n"
         f"  second:\n    config: {spec / 'base.yaml'}\n    methods: [fedsa]\n")
     out = tmp_path / "held"
-    held = out / "first" / "fedit" / "seed_0"
-    held.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    (held / CLAIM).write_text(str(holder.pid))
+    held, holder = _held_run(out / "first" / "fedit" / "seed_0", seconds=120)
     result = {}
     worker = threading.Thread(target=lambda: result.setdefault(
         "rc", main(["study", "--spec", str(two), "--out", str(out), "--set", "threads=1"])))
@@ -295,8 +301,6 @@ def test_an_experiment_finished_by_another_process_is_tabled_at_once(spec, tmp_p
     """When another process finishes the last run of an experiment this process passed, its final tables are
     written after this process's next run, not only after every later experiment."""
     import shutil
-    import subprocess
-    import sys
     import threading
     import time
 
@@ -309,10 +313,7 @@ def test_an_experiment_finished_by_another_process_is_tabled_at_once(spec, tmp_p
         f"  second:\n    config: {spec / 'base.yaml'}\n    methods: [fedsa]\n"
         f"  third:\n    config: {spec / 'base.yaml'}\n    methods: [fedit]\n")
     out = tmp_path / "closed"
-    held = out / "first" / "fedit" / "seed_0"
-    held.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    (held / CLAIM).write_text(str(holder.pid))
+    held, holder = _held_run(out / "first" / "fedit" / "seed_0", seconds=300)
 
     def other_process_finishes_the_held_run():
         # once this process has moved on to the second experiment, the holder "finishes" its run
