@@ -7,7 +7,7 @@ from conftest import DOLLY
 from tiny import tiny_model, tiny_tokenizer
 
 from fedlora.cli import main
-from fedlora.paired import paired_differences
+from fedlora.paired import paired_differences, paired_table
 
 
 @pytest.fixture
@@ -66,9 +66,12 @@ def test_study_runs_every_method_and_seed_then_skips_them(spec, capsys):
     # <out>/STOP: no further run starts, the process ends cleanly; without it the study goes on
     (out / "small" / "fedit" / "seed_1" / "results.json").unlink()
     (out / "STOP").touch()
+    (out / "small" / "partial.md").unlink(missing_ok=True)
     assert main(["study", "--spec", str(spec / "spec.yaml"), "--out", str(out)]) == 0
     assert f"study: {out / 'STOP'} exists, so no further run starts" in capsys.readouterr().out
     assert not (out / "small" / "fedit" / "seed_1" / "results.json").exists()
+    partial = (out / "small" / "partial.md").read_text()  # the tables as of the runs finished when it stopped
+    assert "| fedlora_cols | 2 |" in partial and "| fedit |" not in partial
     (out / "STOP").unlink()
     assert main(["study", "--spec", str(spec / "spec.yaml"), "--out", str(out)]) == 0
     rerun = json.loads((out / "small" / "fedit" / "seed_1" / "results.json").read_text())
@@ -161,6 +164,18 @@ def test_paired_differences_by_seed():
     assert d["global_loss"]["std"] == pytest.approx(0.05)
     assert d["local_loss"]["mean"] == pytest.approx(0.0) and d["local_loss"]["better"] == 1
     assert "global_rouge_l" not in d
+    header = paired_table({"m": d}, "fedit", 2).splitlines()[2]
+    assert header == "| method | global loss | local loss | global ROUGE-L | local ROUGE-L |"
+
+    # tasks no client holds (NI): their loss is paired too, and its column shown, where the runs have it
+    for s, unseen in zip((0, 1), (3.0, 2.0)):
+        by_label["fedit"][s]["unseen_loss"] = unseen
+        by_label["m"][s]["unseen_loss"] = unseen - 0.25
+    e = paired_differences(by_label, "fedit")["m"]
+    assert e["unseen_loss"]["mean"] == pytest.approx(-0.25) and e["unseen_loss"]["better"] == 2
+    table = paired_table({"m": e}, "fedit", 2).splitlines()
+    assert table[2].endswith("| local ROUGE-L | unseen-task loss |")
+    assert table[4].endswith("| -0.2500 [-0.2500, -0.2500] (2/2) |")
 
 
 def test_run_claims_between_processes(tmp_path):

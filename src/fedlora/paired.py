@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import math
 
-PAIRED_METRICS = (("global_loss", -1), ("local_loss", -1), ("global_rouge_l", 1), ("local_rouge_l", 1))
+PAIRED_METRICS = (("global_loss", -1), ("local_loss", -1), ("global_rouge_l", 1), ("local_rouge_l", 1),
+                  ("unseen_loss", -1), ("unseen_rouge_l", 1))  # (summary key, +1 where higher is better)
+HEADINGS = {"global_loss": "global loss", "local_loss": "local loss", "global_rouge_l": "global ROUGE-L",
+            "local_rouge_l": "local ROUGE-L", "unseen_loss": "unseen-task loss",
+            "unseen_rouge_l": "unseen-task ROUGE-L"}
+ALWAYS_SHOWN = 4  # the first four columns, also where empty; the unseen-task ones only where some run has them
 
 
 def confidence_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -54,13 +59,15 @@ def paired_differences(by_label: dict[str, dict[int, dict]], reference: str) -> 
 
 
 def paired_table(paired: dict, reference: str, n_seeds: int) -> str:
+    keys = [k for i, (k, _) in enumerate(PAIRED_METRICS)
+            if i < ALWAYS_SHOWN or any(k in entry for entry in paired.values())]
     head = (f"Paired by seed against {reference} (method − {reference}: mean [95 % confidence interval] over seeds, "
             f"and on how many seeds the method was better; n.s. = the interval contains 0):\n\n"
-            f"| method | global loss | local loss | global ROUGE-L | local ROUGE-L |\n|---|---|---|---|---|\n")
+            f"| method | {' | '.join(HEADINGS[k] for k in keys)} |\n|---|{'---|' * len(keys)}\n")
     lines = []
     for label, entry in paired.items():
         cells = []
-        for key, _ in PAIRED_METRICS:
+        for key in keys:
             e = entry.get(key)
             if e is None:
                 cells.append("–")

@@ -173,8 +173,13 @@ def run_study(spec_path: str, out: str, *, quick: bool, only: list[str] | None, 
             for label, extra, seed in run_order(exp, entries, seeds):
                 run_dir = root / name / label / f"seed_{seed}"
                 ran_before = len(ran)
-                if not finished_or_run(run_dir, exp["config"], sets + extra + [f"seed={seed}"],
-                                       f"{name}: {label} (seed {seed})"):
+                try:
+                    finished = finished_or_run(run_dir, exp["config"], sets + extra + [f"seed={seed}"],
+                                               f"{name}: {label} (seed {seed})")
+                except StudyStopped:
+                    write_partial()  # a stopped study leaves each experiment's tables as of its finished runs
+                    raise
+                if not finished:
                     left.append((label, seed))
                 elif len(ran) > ran_before:  # this process just ran it: the partial tables are current after
                     write_partial()          # every run it finishes, not only at the end
