@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import math
 
-PAIRED_METRICS = (("global_loss", -1), ("local_loss", -1), ("global_rouge_l", 1), ("local_rouge_l", 1),
-                  ("unseen_loss", -1), ("unseen_rouge_l", 1))  # (summary key, +1 where higher is better)
-HEADINGS = {"global_loss": "global loss", "local_loss": "local loss", "global_rouge_l": "global ROUGE-L",
-            "local_rouge_l": "local ROUGE-L", "unseen_loss": "unseen-task loss",
-            "unseen_rouge_l": "unseen-task ROUGE-L"}
-ALWAYS_SHOWN = 4  # the first four columns, also where empty; the unseen-task ones only where some run has them
+# (summary key, table heading, +1 where higher is better); the unseen-task columns only where runs have them (NI)
+PAIRED_METRICS = (("global_loss", "global loss", -1), ("local_loss", "local loss", -1),
+                  ("global_rouge_l", "global ROUGE-L", 1), ("local_rouge_l", "local ROUGE-L", 1),
+                  ("unseen_loss", "unseen-task loss", -1), ("unseen_rouge_l", "unseen-task ROUGE-L", 1))
+ONLY_WITH_DATA = {"unseen_loss", "unseen_rouge_l"}
 
 
 def confidence_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -45,7 +44,7 @@ def paired_differences(by_label: dict[str, dict[int, dict]], reference: str) -> 
         if label == reference:
             continue
         entry = {}
-        for key, sign in PAIRED_METRICS:
+        for key, _, sign in PAIRED_METRICS:
             diffs = [runs[s][key] - ref[s][key] for s in runs
                      if s in ref and runs[s].get(key) is not None and ref[s].get(key) is not None]
             if diffs:
@@ -59,15 +58,15 @@ def paired_differences(by_label: dict[str, dict[int, dict]], reference: str) -> 
 
 
 def paired_table(paired: dict, reference: str, n_seeds: int) -> str:
-    keys = [k for i, (k, _) in enumerate(PAIRED_METRICS)
-            if i < ALWAYS_SHOWN or any(k in entry for entry in paired.values())]
+    columns = [(k, heading) for k, heading, _ in PAIRED_METRICS
+               if k not in ONLY_WITH_DATA or any(k in entry for entry in paired.values())]
     head = (f"Paired by seed against {reference} (method − {reference}: mean [95 % confidence interval] over seeds, "
             f"and on how many seeds the method was better; n.s. = the interval contains 0):\n\n"
-            f"| method | {' | '.join(HEADINGS[k] for k in keys)} |\n|---|{'---|' * len(keys)}\n")
+            f"| method | {' | '.join(h for _, h in columns)} |\n|---|{'---|' * len(columns)}\n")
     lines = []
     for label, entry in paired.items():
         cells = []
-        for key in keys:
+        for key, _ in columns:
             e = entry.get(key)
             if e is None:
                 cells.append("–")
