@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -44,6 +45,38 @@ def small_cfg(*overrides: str):
 
 
 @pytest.fixture
+def one_thread():
+    """The tiny model runs far faster on one thread when the machine's cores are busy; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def dolly_path():
     assert DOLLY.is_file(), f"the shared Dolly file is missing: {DOLLY}"
     return DOLLY
+
+
+@pytest.fixture
+def spec(tmp_path):
+    """A study spec over the tiny model: experiment `small` (two methods, seeds 0-1) and `both_refs`."""
+    model = tmp_path / "tiny"
+    tok = tiny_tokenizer()
+    tiny_model(len(tok)).save_pretrained(model)
+    tok.save_pretrained(model)
+    (tmp_path / "base.yaml").write_text(
+        f"model: {{name: '{model}', device: cpu}}\n"
+        f"data: {{path: '{DOLLY}', max_rows: 200, max_length: 48, global_test_per_label: 2}}\n"
+        "federation: {clients: 2, rounds: 1}\n"
+        "train: {global_steps: 1, personal_steps: 1, batch_size: 2}\n"
+        "eval: {max_examples_per_client: 2, max_global_examples: 4, generate: false}\n"
+        "output: {save_adapters: false, plots: false}\n")
+    (tmp_path / "spec.yaml").write_text(
+        "seeds: [0, 1]\npaired_with: fedit\nexperiments:\n"
+        f"  small:\n    description: two methods\n    config: {tmp_path / 'base.yaml'}\n"
+        "    methods: [fedit, {label: fedlora_cols, method: fedlora_opt, set: [norm_axis_a=cols]}]\n"
+        f"  both_refs:\n    description: paired with two references\n    config: {tmp_path / 'base.yaml'}\n"
+        "    paired_with: [fedit, fedlora_opt]\n    seeds: [0]\n    methods: [fedit, fedlora_opt, fedsa]\n")
+    return tmp_path

@@ -41,7 +41,7 @@ def site_files(tmp_path_factory):
 
 
 @pytest.fixture
-def one_thread():
+def threads_restored():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -53,7 +53,7 @@ def run(grid: LoopbackGrid, cfg, out, resume=None, **settings):
         return run_flower(grid, cfg, RunSettings(**settings), out, resume=resume)
 
 
-def test_clients_with_their_own_data_and_a_server_with_none(tiny_dir, site_files, tmp_path, one_thread, capsys):
+def test_clients_with_their_own_data_and_a_server_with_none(tiny_dir, site_files, tmp_path, threads_restored, capsys):
     from fedlora.data.federated import FederatedData, own_client_data
     from fedlora.data.sources import read_records, to_examples
     from fedlora.runner import Session
@@ -175,7 +175,7 @@ class ServerDied(Exception):
 
 
 def test_server_dies_and_resumes_from_its_checkpoint_with_restarted_nodes(tiny_dir, small_data, uninterrupted,
-                                                                          tmp_path, one_thread):
+                                                                          tmp_path, threads_restored):
     """The ServerApp (and the SuperLink with it) dies as it sends round 3; the nodes come back with new node ids;
     `resume` continues from round 2's checkpoint (round 2 aggregated, its local phase still to run): the nodes
     run it again from the personal state they hold on disk, and the run ends as the uninterrupted one."""
@@ -214,7 +214,7 @@ def test_server_dies_and_resumes_from_its_checkpoint_with_restarted_nodes(tiny_d
 
 
 def test_node_killed_and_restarted_between_rounds_continues_its_personal_state(tiny_dir, small_data, uninterrupted,
-                                                                               tmp_path, one_thread, capsys):
+                                                                               tmp_path, threads_restored, capsys):
     out, state = tmp_path / "run", tmp_path / "state"
     out.mkdir()
     restarted = []
@@ -236,7 +236,7 @@ def test_node_killed_and_restarted_between_rounds_continues_its_personal_state(t
     assert_same_run(out, uninterrupted)
 
 
-def test_a_node_that_joins_late_takes_part_from_then_on(tiny_dir, small_data, tmp_path, one_thread, capsys):
+def test_a_node_that_joins_late_takes_part_from_then_on(tiny_dir, small_data, tmp_path, threads_restored, capsys):
     out, state = tmp_path / "run", tmp_path / "state"
     out.mkdir()
     nodes = partition_nodes(state)
@@ -257,7 +257,7 @@ def test_a_node_that_joins_late_takes_part_from_then_on(tiny_dir, small_data, tm
 
 
 @pytest.mark.parametrize("mode", ["local", "central"])
-def test_differential_privacy_on_flower_equals_in_process(mode, tiny_dir, small_data, tmp_path, one_thread):
+def test_differential_privacy_on_flower_equals_in_process(mode, tiny_dir, small_data, tmp_path, threads_restored):
     """DP on the Flower runtime: local noise is added on the nodes, central noise on the server; the same noisy
     global model and the same ε per round as in process."""
     from test_runtimes import run_in_process
@@ -276,7 +276,7 @@ def test_differential_privacy_on_flower_equals_in_process(mode, tiny_dir, small_
     assert all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)
 
 
-def test_a_node_killed_mid_round_is_left_out_and_the_run_goes_on(tiny_dir, small_data, tmp_path, one_thread, capsys):
+def test_a_node_killed_mid_round_is_left_out_and_the_run_goes_on(tiny_dir, small_data, tmp_path, threads_restored, capsys):
     """Node 102 dies as round 1 is sent (its message is never answered): client 2 fails that exchange after
     round-timeout, the round aggregates the others (min-replies 2), and the run finishes."""
     out, state = tmp_path / "run", tmp_path / "state"

@@ -16,21 +16,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from certs import node_key, public_key_pem, tls_certificates
-from conftest import DOLLY, REPO
+from conftest import DOLLY
+from flowerkit import VENV_BIN, Federation, registered_ids, start_registering
 
 from fedlora.config import dump_config, load_config
 from fedlora.core.components import component_of
 from fedlora.flower.localprocs import Processes, free_port, wait_for_port
 
-VENV_BIN = Path(sys.executable).parent
 NODES = 3
 
 
@@ -127,77 +125,6 @@ def federation(assets, tmp_path_factory):
         assert not left, f"processes left running: {[(p.pid, p.cmdline()) for p in left]}"
 
 
-# `flwr supernode register KEY.pub test` for each key, in one process: the `flwr` console script's own entry point
-# (flwr.cli.app:app) called once per key. The process imports the CLI while the SuperLink starts and registers as
-# soon as its port is open: the CLI's imports (seconds each on a loaded machine) cost no extra time.
-REGISTER = """import socket, sys, time
-from flwr.cli.app import app
-port, keys = int(sys.argv[1]), sys.argv[2:]
-deadline = time.monotonic() + 120
-while True:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", port)) == 0:
-            break
-    assert time.monotonic() < deadline, "the SuperLink did not open its port"
-    time.sleep(0.1)
-for key in keys:
-    app(["supernode", "register", "--format", "json", key, "test"], prog_name="flwr", standalone_mode=False)
-"""
-
-
-def start_registering(procs: Processes, port: int, public_keys: list[Path]) -> subprocess.Popen:
-    """Registers the keys with the SuperLink on `port` (once it listens) as `flwr supernode register` does."""
-    return procs.start("register", [sys.executable, "-c", REGISTER, str(port), *map(str, public_keys)],
-                       cwd=procs.logdir)
-
-
-def registered_ids(procs: Processes, expected: int, timeout: float = 120) -> list[int]:
-    """The node IDs the SuperLink gave the registered keys, in order."""
-    try:
-        rc = procs.procs["register"].wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise TimeoutError(f"registering did not finish in {timeout}s:\n{procs.log('register')[-3000:]}") from None
-    ids = [int(i) for i in re.findall(r'"node-id":\s*(\d+)', procs.log("register"))]
-    assert rc == 0 and len(ids) == expected, f"registering failed (rc {rc}):\n{procs.log('register')[-3000:]}"
-    return ids
-
-
-class Federation:
-    def __init__(self, d: Path, procs: Processes, env: dict):
-        self.dir, self.procs, self.env = d, procs, env
-        self.runs = 0
-        self.registered: list[int] = []  # the node IDs `flwr supernode register` got for node0..node2
-        self.stranger_key = b""  # the unregistered probe's public key (PEM), as the SuperLink logs it
-
-    def run(self, run_config: dict, timeout: float = 240, during=None, out: Path | None = None) -> Path:
-        """`flwr run <repo> test --stream --run-config ...`; returns the run directory when the run has finished.
-
-        `during(out)` is called while it runs until it returns True; if it returns "stop", the `flwr run`
-        process is stopped and the run directory returned as it is (the run did not finish).
-        """
-        self.runs += 1
-        name = f"run{self.runs}"
-        out = out or self.dir / name
-        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in {**run_config, "out": str(out)}.items())
-        p = self.procs.start(name, [str(VENV_BIN / "flwr"), "run", str(REPO), "test", "--stream",
-                                    "--run-config", rc], cwd=self.dir)
-        deadline = time.monotonic() + timeout
-        while p.poll() is None and time.monotonic() < deadline:
-            self.procs.snapshot()
-            if during is not None:
-                said = during(out)
-                if said == "stop":
-                    self.procs.kill(name)
-                    return out
-                if said:
-                    during = None
-            time.sleep(0.25)
-        if p.poll() is None:
-            raise TimeoutError(f"the run did not finish in {timeout}s:\n{self.procs.log(name)[-4000:]}")
-        assert (out / "results.json").is_file(), f"no results.json; flwr run said:\n{self.procs.log(name)[-4000:]}"
-        return out
-
-
 @pytest.fixture(scope="module")
 def reference(assets):
     """The in-process simulator on the same config (same code path as `fedlora run`)."""
@@ -260,113 +187,6 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 # ----------------------------------------------------------------------------- tests
-
-
-def test_settings_reject_bad_input_with_one_clear_line():
-    from fedlora.errors import ConfigError
-    from fedlora.flower.settings import NodeSettings, RunSettings
-
-    with pytest.raises(ConfigError, match="unknown key 'round_timeout'.*did you mean 'round-timeout'"):
-        RunSettings.from_run_config({"round_timeout": 5})
-    with pytest.raises(ConfigError, match="'round-timeout': 0.0 must be > 0"):
-        RunSettings.from_run_config({"round-timeout": 0})
-    with pytest.raises(ConfigError, match="'min-replies': expected int"):
-        RunSettings.from_run_config({"min-replies": "two"})
-    with pytest.raises(ConfigError, match="'set': cannot split"):
-        RunSettings(set="rounds='2").overrides()
-    assert RunSettings(set="rounds=2 'data.path=/a b.jsonl'").overrides() == ["rounds=2", "data.path=/a b.jsonl"]
-    with pytest.raises(ConfigError, match="'resume' and 'overwrite' contradict"):
-        RunSettings.from_run_config({"resume": True, "overwrite": "true"})
-    with pytest.raises(ConfigError, match="'force' only applies with 'resume=true'"):
-        RunSettings.from_run_config({"force": True})
-    with pytest.raises(ConfigError, match="give 'partition-id'"):
-        NodeSettings.from_node_config({"num-partitions": 3})
-    with pytest.raises(ConfigError, match="unknown key 'data_path'.*did you mean 'data-path'"):
-        NodeSettings.from_node_config({"partition-id": 0, "data_path": "x"})
-    cfg_yaml = dump_config(load_config(None, ["clients=3"]))
-    with pytest.raises(ConfigError, match="'partition-id': 3 is out of range"):
-        NodeSettings.from_node_config({"partition-id": 3}).config(cfg_yaml)
-    with pytest.raises(ConfigError, match="'num-partitions': 4, but the run has federation.clients=3"):
-        NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 4}).config(cfg_yaml)
-    node = NodeSettings.from_node_config({"partition-id": 1, "data-path": "/data/dolly.jsonl", "threads": 2})
-    cfg = node.config(cfg_yaml)
-    assert (cfg.data.path, cfg.model.threads, node.partition_id) == ("/data/dolly.jsonl", 2, 1)
-
-
-def test_simulate_command_bad_config_is_one_line(capsys):
-    from fedlora.cli import main
-
-    assert main(["flower", "simulate", "--set", "rounds=0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: federation.rounds: 0 must be > 0"]
-
-
-def test_resume_refusals_across_runtimes_are_one_line(capsys, tmp_path):
-    """A missing run dir for `flower simulate --resume`; a Flower checkpoint given to `fedlora run --resume`."""
-    from fedlora.checkpoint import CheckpointStore
-    from fedlora.cli import main
-
-    assert main(["flower", "simulate", "--resume", "--out", str(tmp_path / "nowhere")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: --resume: {tmp_path / 'nowhere'} does not exist"]
-
-    run = tmp_path / "flower-run"
-    run.mkdir()
-    cfg_yaml = dump_config(load_config(None, []))
-    (run / "config.yaml").write_text(cfg_yaml)
-    CheckpointStore(run).save(1, {"runtime": "flower", "server": {}}, [], cfg_yaml, "fp", 0.0)
-    before = sorted(str(p) for p in run.rglob("*"))
-    assert main(["run", "--resume", str(run)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was written by the Flower ServerApp; resume it there" in err[0]
-    assert sorted(str(p) for p in run.rglob("*")) == before
-
-
-def test_transport_keeps_values_and_dtypes():
-    """A message's tensors travel as ONE uint8 array plus a layout, and come back bit for bit, bfloat16 too."""
-    import numpy as np
-    from flwr.app import Array, ArrayRecord
-
-    from fedlora.errors import UpdateRejected
-    from fedlora.flower import messages as M
-
-    state = {"a": torch.randn(3, 2), "b": torch.randn(4).to(torch.bfloat16), "c": torch.tensor(7),
-             "d": torch.randn(2, 3).t(), "e": torch.zeros(0, 4), "f": torch.tensor([-0.0, float("nan")])}
-    record = M.to_record(state)
-    assert set(record.keys()) == {M.PACKED, M.LAYOUT} and record[M.PACKED].numpy().dtype == np.uint8
-    assert record[M.PACKED].numpy().size == sum(v.numel() * v.element_size() for v in state.values())  # b: 2 bytes
-    assert M.names(record) == list(state)
-    back = M.from_record(record, state)
-    assert list(back) == list(state)
-    for k, v in state.items():
-        assert back[k].dtype == v.dtype and back[k].shape == v.shape
-        assert torch.equal(back[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)), k
-    assert M.from_record(M.to_record({}), state) == {} and M.names(M.to_record({})) == []
-
-    # a bad or incomplete record from the wire: one line, UpdateRejected (the round goes on without the reply)
-    packed, layout = record[M.PACKED].numpy(), record[M.LAYOUT].numpy().tobytes()
-    short = ArrayRecord({M.PACKED: Array(packed[:-1]), M.LAYOUT: record[M.LAYOUT]})
-    no_layout = ArrayRecord({M.PACKED: record[M.PACKED]})
-    garbled = ArrayRecord({M.PACKED: record[M.PACKED], M.LAYOUT: Array(np.frombuffer(layout[:-3], np.uint8))})
-    unpacked = ArrayRecord({"a": Array(state["a"].numpy())})  # the old one-array-per-tensor format
-    lying = ArrayRecord({M.PACKED: record[M.PACKED], M.LAYOUT: Array(np.frombuffer(
-        layout.replace(b'"float32",[3,2]', b'"float32",[3,3]'), np.uint8))})
-    for bad, words in [(short, "layout covers"), (no_layout, "expected"), (garbled, "malformed tensor record"),
-                       (unpacked, "expected"), (lying, "bad layout entry")]:
-        for read in (M.names, lambda r: M.from_record(r, {})):
-            with pytest.raises(UpdateRejected, match=words) as e:
-                read(bad)
-            assert "\n" not in str(e.value)
-
-
-def test_a_node_process_imports_no_model_library_before_it_needs_a_model():
-    """The setup query (data only) and the ClientApp module need no torch/transformers/peft/nltk: a fresh
-    ClientApp process pays for them only when it builds a model; ROUGE's nltk only when it scores."""
-    code = ("import sys; import fedlora.flower.client_app, fedlora.flower.workspace, fedlora.data.sources; "
-            "heavy = [m for m in ('torch', 'transformers', 'peft', 'rouge_score', 'nltk') if m in sys.modules]; "
-            "import fedlora.evaluate; heavy += [m for m in ('rouge_score', 'nltk') if m in sys.modules]; "
-            "print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 def make_message(kind: str, content, rnd: int = 1):
