@@ -44,6 +44,19 @@ def small_cfg(*overrides: str):
     ])
 
 
+def record_uploads(sim):
+    """The updates the simulator's server is given from now on, in the list returned (filled as it aggregates)."""
+    seen = []
+    orig = sim.server.aggregate
+
+    def spy(updates):
+        seen.extend(updates)
+        return orig(updates)
+
+    sim.server.aggregate = spy
+    return seen
+
+
 @pytest.fixture
 def one_thread():
     """The tiny model runs far faster on one thread when the machine's cores are busy; restored afterwards."""

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import small_cfg
+from conftest import record_uploads, small_cfg
 from peft import PeftModel
 
 from fedlora.core.components import component_of, select
@@ -16,18 +16,6 @@ def make_sim(tok, base, method, *overrides):
     examples, unseen = load_examples(cfg, warn=lambda m: None)
     data = build_federated_data(cfg, examples, unseen)
     return Simulation(cfg, tok, base, data, log=lambda m: None)
-
-
-def record_uploads(sim):
-    seen = []
-    orig = sim.server.aggregate
-
-    def spy(updates):
-        seen.extend(updates)
-        return orig(updates)
-
-    sim.server.aggregate = spy
-    return seen
 
 
 def components(state):

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import small_cfg
+from conftest import record_uploads, small_cfg
 
 from fedlora.config import MethodConfig
 from fedlora.core import robust
@@ -99,15 +99,8 @@ def test_simulation_logs_poisoned_clients_by_name(tok, base, one_thread):
             st[k] = torch.zeros(st[k].shape[0] + 1, *st[k].shape[1:])
         return res
 
-    seen = []
-    orig = sim.server.aggregate
-
-    def spy(updates):
-        seen.extend(updates)
-        return orig(updates)
-
+    seen = record_uploads(sim)
     sim.client.global_phase = poisoned
-    sim.server.aggregate = spy
     rec = sim.run_round(1)
     assert set(rec.rejected) == {1, 2, 3}
     for cid in (1, 2, 3):
