@@ -57,24 +57,30 @@ def paired_differences(by_label: dict[str, dict[int, dict]], reference: str) -> 
     return out
 
 
+def shown_metrics(entries) -> list[tuple[str, str]]:
+    """(key, heading) of the columns a table of these paired entries shows: the four main metrics always, the
+    unseen-task ones only where some entry has them (NI)."""
+    entries = list(entries)
+    return [(k, heading) for k, heading, _ in PAIRED_METRICS
+            if k not in ONLY_WITH_DATA or any(k in entry for entry in entries)]
+
+
+def paired_cell(e: dict | None) -> str:
+    """One paired difference: mean [95 % interval] (seeds better/seeds), "n.s." where the interval holds 0."""
+    if e is None:
+        return "–"
+    if e.get("ci95"):
+        lo, hi = e["ci95"]
+        return (f"{e['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({e['better']}/{e['seeds']})"
+                + ("" if e["significant"] else " n.s."))
+    return f"{e['mean']:+.4f} ({e['better']}/{e['seeds']})"
+
+
 def paired_table(paired: dict, reference: str, n_seeds: int) -> str:
-    columns = [(k, heading) for k, heading, _ in PAIRED_METRICS
-               if k not in ONLY_WITH_DATA or any(k in entry for entry in paired.values())]
+    columns = shown_metrics(paired.values())
     head = (f"Paired by seed against {reference} (method − {reference}: mean [95 % confidence interval] over seeds, "
             f"and on how many seeds the method was better; n.s. = the interval contains 0):\n\n"
             f"| method | {' | '.join(h for _, h in columns)} |\n|---|{'---|' * len(columns)}\n")
-    lines = []
-    for label, entry in paired.items():
-        cells = []
-        for key, _ in columns:
-            e = entry.get(key)
-            if e is None:
-                cells.append("–")
-            elif e.get("ci95"):
-                lo, hi = e["ci95"]
-                cells.append(f"{e['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({e['better']}/{e['seeds']})"
-                             + ("" if e["significant"] else " n.s."))
-            else:
-                cells.append(f"{e['mean']:+.4f} ({e['better']}/{e['seeds']})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines = [f"| {label} | " + " | ".join(paired_cell(entry.get(k)) for k, _ in columns) + " |"
+             for label, entry in paired.items()]
     return head + "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .paired import paired_cell, paired_differences, shown_metrics
 
 
 def _versions() -> dict:
@@ -236,32 +237,17 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
-_AXES = (("global_loss", "global loss"), ("global_rouge_l", "global ROUGE-L"), ("local_loss", "local loss"),
-         ("local_rouge_l", "local ROUGE-L"))
-
-
 def difference_table(per_seed: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
-    """Markdown table of paired differences `a - b` per axis, over the seeds both were run on (same partitions).
+    """Markdown table of paired differences `a − b` per metric, over the seeds both were run on (same partitions),
+    as the study's paired tables give them (`paired.py`): mean [95 % interval] (seeds on which `a` was better).
 
-    Loss: negative means `a` is better; ROUGE-L: positive means `a` is better. With several seeds: mean ± std of the
-    per-seed differences and how many seeds favour `a`.
+    Loss: negative means `a` is better; ROUGE-L: positive means `a` is better.
     """
-    head = "| difference | " + " | ".join(f"Δ {label}" for _, label in _AXES) + " |"
-    lines = [head, "|---" * (len(_AXES) + 1) + "|"]
-    for a, b in pairs:
-        cells = []
-        for key, _ in _AXES:
-            d = [ra[key] - rb[key] for ra, rb in zip(per_seed[a], per_seed[b])
-                 if ra.get(key) is not None and rb.get(key) is not None]
-            if not d:
-                cells.append("–")
-                continue
-            mean = sum(d) / len(d)
-            better = sum(1 for x in d if (x < 0 if key.endswith("loss") else x > 0))
-            if len(d) == 1:
-                cells.append(f"{mean:+.4f}")
-            else:
-                std = (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
-                cells.append(f"{mean:+.4f} ± {std:.4f} ({better}/{len(d)} better)")
-        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    diffs = {(a, b): paired_differences({a: dict(enumerate(per_seed[a])), b: dict(enumerate(per_seed[b]))}, b)[a]
+             for a, b in pairs}
+    columns = shown_metrics(diffs.values())
+    lines = ["| difference | " + " | ".join(f"Δ {label}" for _, label in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {a} − {b} | " + " | ".join(paired_cell(entry.get(k)) for k, _ in columns) + " |"
+              for (a, b), entry in diffs.items()]
     return "\n".join(lines) + "\n\nΔ loss < 0 and Δ ROUGE-L > 0 favour the first model of the pair.\n"
